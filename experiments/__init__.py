@@ -1,0 +1,1 @@
+"""Studies: pipelines of cached stages."""

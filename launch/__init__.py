@@ -1,0 +1,1 @@
+"""Launchers: local sweeps, SLURM, TPU pods."""
