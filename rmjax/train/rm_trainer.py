@@ -1,0 +1,136 @@
+"""Reward-model training: one compiled step for all K ensemble members.
+
+Batch (from `rmjax.data.PairBatches`): `chosen_tokens`, `rejected_tokens` `[B, T]` int32 with
+masks `[B, T]`, `weight [B]` (0 for padding rows), `index [B]` (the example's index in the
+dataset). Chosen and rejected rows go through the model as one `[2B, T]` batch, giving
+scores `[K, 2B]`. The loss of member k is the weighted mean over the *global* batch of the
+configured reward-model loss (`rmjax.objectives`, e.g. Bradley–Terry
+−log σ(r_c − r_r − m)), and the step minimizes Σ_k loss_k, so each full-ensemble member gets
+exactly the gradient of its own loss. With `bootstrap=True` member k weights example i by
+w_ki ~ Poisson(1) drawn from (run key, k, i): an online bootstrap resample that does not
+depend on how the data is batched (Oza & Russell, "Online bagging and boosting").
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rmjax import objectives, parallel
+from rmjax.models.reward_model import RewardModel
+from rmjax.train import state as state_lib
+
+_BOOTSTRAP_TAG = 0x0B00
+
+
+def bootstrap_weights(key: jax.Array, index: jax.Array, num_members: int) -> jax.Array:
+  """Poisson(1) weights `[K, B]`, a pure function of (key, member, example index)."""
+  def one(k, i):
+    return jax.random.poisson(jax.random.fold_in(jax.random.fold_in(key, k), i), 1.0).astype(jnp.float32)
+  return jax.vmap(lambda k: jax.vmap(lambda i: one(k, i))(index))(jnp.arange(num_members))
+
+
+def pair_scores(rm: RewardModel, params, batch) -> tuple[jax.Array, jax.Array]:
+  """Scores of chosen and rejected rows, each `[K, B]`, from one forward pass over `[2B, T]`."""
+  b = batch['chosen_tokens'].shape[0]
+  tokens = jnp.concatenate([batch['chosen_tokens'], batch['rejected_tokens']], axis=0)
+  mask = jnp.concatenate([batch['chosen_mask'], batch['rejected_mask']], axis=0)
+  scores = rm.apply(params, tokens, mask)
+  return scores[:, :b], scores[:, b:]
+
+
+def make_train_step(rm: RewardModel, optimizer: optax.GradientTransformation, loss_fn, *,
+                    bootstrap: bool = False, state_shardings=None):
+  """`step(state, batch) -> (state, metrics)`, jitted with the state donated.
+
+  loss_fn(r_chosen [B], r_rejected [B]) -> per-example losses [B] (a registered RM loss).
+  metrics: 'loss' (mean over members), 'accuracy' (of the member-mean score), 'grad_norm',
+  'update_norm', and per member 'loss_k' / 'accuracy_k'.
+  """
+  k = rm.num_members
+
+  def losses(params, batch, key):
+    rc, rr = pair_scores(rm, params, batch)
+    per_example = jax.vmap(loss_fn)(rc, rr)  # [K, B]
+    weight = jnp.broadcast_to(batch['weight'][None, :], per_example.shape)
+    if bootstrap:
+      weight = weight * bootstrap_weights(key, batch['index'], k)
+    # One normaliser for the whole global batch: the number of real pairs.
+    loss_k = objectives.reduce(per_example, weight, 'constant', constant=jnp.maximum(batch['weight'].sum(), 1.0),
+                               axis=1)
+    return loss_k.sum(), (loss_k, rc, rr)
+
+  def step(state: state_lib.TrainState, batch):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), _BOOTSTRAP_TAG)
+    (_, (loss_k, rc, rr)), grads = jax.value_and_grad(losses, has_aux=True)(state.params, batch, key)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    w = batch['weight']
+    n = jnp.maximum(w.sum(), 1.0)
+    acc_k = ((rc > rr) * w).sum(1) / n
+    metrics = {'loss': loss_k.mean(), 'accuracy': (((rc - rr).mean(0) > 0) * w).sum() / n,
+               'grad_norm': optax.tree.norm(grads), 'update_norm': optax.tree.norm(updates)}
+    if k > 1:
+      metrics.update({f'loss_{i}': loss_k[i] for i in range(k)})
+      metrics.update({f'accuracy_{i}': acc_k[i] for i in range(k)})
+    new_state = state_lib.TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng)
+    return new_state, metrics
+
+  out = (state_shardings, None) if state_shardings is not None else None
+  return jax.jit(step, donate_argnums=(0,), out_shardings=out)
+
+
+def make_score_fn(rm: RewardModel):
+  """Jitted `scores(params, batch) -> (r_chosen [K, B], r_rejected [K, B])` for evaluation."""
+  return jax.jit(lambda params, batch: pair_scores(rm, params, batch))
+
+
+def collect_scores(score_fn, params, batches: Iterable[Mapping[str, np.ndarray]], mesh) -> dict[str, np.ndarray]:
+  """Run over eval batches; return host arrays `r_chosen, r_rejected [K, N]`, `weight [N]`, and gold scores."""
+  out = {'r_chosen': [], 'r_rejected': [], 'weight': [], 'gold_chosen': [], 'gold_rejected': []}
+  for batch in batches:
+    rc, rr = jax.device_get(score_fn(params, parallel.global_batch(batch, mesh)))
+    out['r_chosen'].append(rc)
+    out['r_rejected'].append(rr)
+    out['weight'].append(batch['weight'])
+    for g in ('gold_chosen', 'gold_rejected'):
+      if g in batch:
+        out[g].append(batch[g])
+  res = {k: np.concatenate(v, axis=-1) for k, v in out.items() if v}
+  keep = res['weight'] > 0
+  return {k: v[..., keep] for k, v in res.items() if k != 'weight'}
+
+
+def normalization_stats(r_reference: np.ndarray) -> objectives.RewardStats:
+  """Per-member mean and std `[K]` of raw scores over reference responses `[K, N]` (PITFALLS #10)."""
+  return objectives.RewardStats(mean=r_reference.mean(axis=1), std=np.maximum(r_reference.std(axis=1), 1e-6))
+
+
+def pair_metrics(scores: Mapping[str, np.ndarray], loss_fn, *, aggregate: str = 'mean',
+                 stats: objectives.RewardStats | None = None, prefix: str = 'eval/') -> dict[str, float]:
+  """Held-out metrics from collected scores.
+
+  `accuracy`: share of pairs whose aggregated reward prefers the labeled chosen response
+  (`aggregate` over members, after normalization by `stats`); `accuracy_k` per member;
+  `gold_accuracy` (and per member) against the gold's noiseless ordering when gold scores
+  are present; `loss`: the mean per-member loss.
+  """
+  rc, rr = scores['r_chosen'], scores['r_rejected']
+  k = rc.shape[0]
+  agg = objectives.get(aggregate)
+  a_c, a_r = np.asarray(agg(jnp.asarray(rc), stats=stats)), np.asarray(agg(jnp.asarray(rr), stats=stats))
+  losses = np.asarray(jax.vmap(loss_fn)(jnp.asarray(rc), jnp.asarray(rr)))
+  m = {f'{prefix}loss': float(losses.mean()), f'{prefix}accuracy': float(np.mean(a_c > a_r))}
+  gold = 'gold_chosen' in scores
+  if gold:
+    sign = np.sign(scores['gold_chosen'] - scores['gold_rejected'])
+    m[f'{prefix}gold_accuracy'] = float(np.mean(np.sign(a_c - a_r) == sign))
+  if k > 1:
+    for i in range(k):
+      m[f'{prefix}accuracy_{i}'] = float(np.mean(rc[i] > rr[i]))
+      if gold:
+        m[f'{prefix}gold_accuracy_{i}'] = float(np.mean(np.sign(rc[i] - rr[i]) == sign))
+  return m
