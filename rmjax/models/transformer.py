@@ -1,0 +1,292 @@
+"""Decoder-only transformer (Llama and GPT-2 families) as flax linen modules, pure apply.
+
+Families (`ModelConfig.family`):
+  llama: RMSNorm (eps = norm_eps), rotary embeddings on q and k (rope_theta, the
+    "rotate half" convention of Hugging Face Llama/Qwen2), grouped-query attention
+    (num_kv_heads), SwiGLU MLP `down(silu(gate) * up)`, optional qkv / MLP biases (Qwen2).
+  gpt2: learned position table `[max_len, D]`, LayerNorm with bias, MLP
+    `down(gelu_tanh(fc))`, biases on qkv, out and MLP (attn_bias / mlp_bias).
+
+Parameters are a plain nested dict **without** flax's top-level `'params'` collection
+(the functions below add and strip it). LM parameter tree (D = width, F = mlp_width,
+H = num_heads, KV = num_kv_heads, hd = head_width, V = vocab_size, L = num_layers):
+
+  backbone/embed/embedding               [V, D]
+  backbone/pos_embed/embedding           [max_len, D]            (gpt2 only)
+  backbone/layers_{i}/attn_norm/scale    [D]     (+ bias [D] for gpt2)
+  backbone/layers_{i}/attn/qkv/kernel    [D, (H + 2 KV) hd]      (+ bias if attn_bias)
+  backbone/layers_{i}/attn/out/kernel    [H hd, D]               (+ bias [D] if gpt2 and attn_bias)
+  backbone/layers_{i}/mlp_norm/scale     [D]     (+ bias [D] for gpt2)
+  backbone/layers_{i}/mlp/gate_up/kernel [D, 2F]  llama: columns [gate | up]  (+ bias [2F] if mlp_bias)
+  backbone/layers_{i}/mlp/fc/kernel      [D, F]   gpt2                        (+ bias [F] if mlp_bias)
+  backbone/layers_{i}/mlp/down/kernel    [F, D]                               (+ bias [D] if mlp_bias)
+  backbone/final_norm/scale              [D]     (+ bias [D] for gpt2)
+  lm_head/kernel                         [D, V]  (absent with tie_embeddings)
+
+The qkv columns are `[q heads | k heads | v heads]`, each head-major (`head * hd + i`).
+A Hugging Face import is then a fixed mapping: Llama/Qwen2 `q_proj, k_proj, v_proj`
+weights are transposed and concatenated into `qkv` (biases concatenated), `gate_proj,
+up_proj` into `gate_up`, `o_proj`/`down_proj` transposed; GPT-2's Conv1D `c_attn, c_proj,
+c_fc, mlp.c_proj` weights are already `[in, out]` and map as they are. Every projection is
+one 2-D dot over the flattened `[B*T, D]` input (much faster than a 3-D dot on XLA:CPU).
+
+Masking: `tokens [B, T] int32`, `mask [B, T] bool` (True = real token), `positions [B, T]`
+(default `default_positions(mask) = max(cumsum(mask) - 1, 0)`). Attention is causal and
+restricted to real keys; a query with no real key (an all-padding row, or left padding)
+gets uniform weights over its masked keys, so no NaN appears (its output is garbage and
+should be masked by the caller).
+
+KV cache (`KVCache`): per layer `k, v [B, S, KV, hd]`, a key-validity mask `valid [B, S]`
+and a scalar write `index`. A call with a cache writes the new T keys/values at slots
+`index .. index + T - 1` and attends, from the query in slot `index + t`, to the filled,
+real slots `s <= index + t`. The caller keeps `index + T <= S` (`lax.dynamic_update_slice`
+would otherwise clamp the write).
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rmjax.models.config import ModelConfig
+from rmjax.models.heads import INIT_STD, LMHead, flat_dot
+
+Params = dict[str, Any]
+
+
+class KVCache(NamedTuple):
+  """Decoding state: per-layer keys/values `[B, S, KV, hd]`, `valid [B, S]`, `index []` int32."""
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+  valid: jax.Array
+  index: jax.Array
+
+
+def default_positions(mask: jax.Array) -> jax.Array:
+  """`max(cumsum(mask) - 1, 0)` per row `[B, T] int32`: left padding starts real tokens at 0."""
+  return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+class Dense(nn.Module):
+  """`[..., I] -> [..., features]` as one 2-D dot; kernel `[I, features]`, optional bias."""
+  features: int
+  use_bias: bool
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    param_dtype = jnp.dtype(self.config.param_dtype)
+    dtype = jnp.dtype(self.config.dtype)
+    kernel = self.param('kernel', nn.initializers.normal(INIT_STD), (x.shape[-1], self.features), param_dtype)
+    y = flat_dot(x, kernel, dtype)
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros, (self.features,), param_dtype).astype(dtype)
+    return y
+
+
+class Norm(nn.Module):
+  """RMSNorm `x / sqrt(mean(x^2) + eps) * scale` (llama) or LayerNorm with bias (gpt2), in fp32."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = self.config
+    param_dtype = jnp.dtype(c.param_dtype)
+    x32 = x.astype(jnp.float32)
+    scale = self.param('scale', nn.initializers.ones, (c.width,), param_dtype).astype(jnp.float32)
+    if c.family == 'llama':
+      y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + c.norm_eps) * scale
+    else:
+      mean = jnp.mean(x32, axis=-1, keepdims=True)
+      var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+      bias = self.param('bias', nn.initializers.zeros, (c.width,), param_dtype).astype(jnp.float32)
+      y = (x32 - mean) * jax.lax.rsqrt(var + c.norm_eps) * scale + bias
+    return y.astype(jnp.dtype(c.dtype))
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+  """cos, sin `[B, T, 1, hd/2]` for angles `positions * theta^(-2i/hd)`, i < hd/2 (RoFormer)."""
+  inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq
+  return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotate `x [B, T, N, hd]` by halves: `[x1 cos - x2 sin, x2 cos + x1 sin]` (HF convention)."""
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Attention(nn.Module):
+  """Causal grouped-query attention with a fused qkv projection and an optional KV cache.
+
+  x [B, T, D]; allowed [B, 1, 1, T, S] bool; rope (cos, sin) or None; kv: the layer's
+  cached (k, v) `[B, S, KV, hd]` or None (then S = T). Returns (y [B, T, D], new kv or None).
+  """
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, allowed, rope, kv, index):
+    c = self.config
+    b, t, _ = x.shape
+    h, kvh, hd = c.num_heads, c.num_kv_heads, c.head_width
+    dtype = jnp.dtype(c.dtype)
+    qkv = Dense((h + 2 * kvh) * hd, c.attn_bias, c, name='qkv')(x).reshape(b, t, h + 2 * kvh, hd)
+    q, k, v = qkv[:, :, :h], qkv[:, :, h:h + kvh], qkv[:, :, h + kvh:]
+    if rope is not None:
+      q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    new_kv = None
+    if kv is not None:
+      k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
+      v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
+      new_kv = (k, v)
+    q = q.reshape(b, t, kvh, h // kvh, hd)
+    with jax.named_scope('attention_scores'):
+      scores = jnp.einsum('btkgd,bskd->bkgts', q, k.astype(dtype), preferred_element_type=jnp.float32)
+    scores = jnp.where(allowed, scores * hd ** -0.5, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out = jnp.einsum('bkgts,bskd->btkgd', probs, v.astype(dtype)).reshape(b, t, h * hd)
+    return Dense(c.width, c.attn_bias and c.family == 'gpt2', c, name='out')(out), new_kv
+
+
+class MLP(nn.Module):
+  """llama: `down(silu(gate) * up)` with fused `gate_up [D, 2F]`; gpt2: `down(gelu_tanh(fc))`."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = self.config
+    if c.family == 'llama':
+      gate, up = jnp.split(Dense(2 * c.mlp_width, c.mlp_bias, c, name='gate_up')(x), 2, axis=-1)
+      hidden = jax.nn.silu(gate) * up
+    else:
+      hidden = jax.nn.gelu(Dense(c.mlp_width, c.mlp_bias, c, name='fc')(x), approximate=True)
+    return Dense(c.width, c.mlp_bias, c, name='down')(hidden)
+
+
+class Block(nn.Module):
+  """Pre-norm residual block: `x += attn(norm(x)); x += mlp(norm(x))`."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, allowed, rope, kv, index):
+    a, new_kv = Attention(self.config, name='attn')(Norm(self.config, name='attn_norm')(x), allowed, rope, kv, index)
+    x = x + a
+    x = x + MLP(self.config, name='mlp')(Norm(self.config, name='mlp_norm')(x))
+    return x, new_kv
+
+
+class Transformer(nn.Module):
+  """Backbone: tokens `[B, T]` -> final-normed hidden states `[B, T, D]` (and the new cache)."""
+  config: ModelConfig
+
+  def setup(self):
+    c = self.config
+    kw = dict(embedding_init=nn.initializers.normal(INIT_STD), dtype=jnp.dtype(c.dtype),
+              param_dtype=jnp.dtype(c.param_dtype))
+    self.embed = nn.Embed(c.vocab_size, c.width, **kw)
+    if c.family == 'gpt2':
+      self.pos_embed = nn.Embed(c.max_len, c.width, **kw)
+    self.layers = [Block(c) for _ in range(c.num_layers)]
+    self.final_norm = Norm(c)
+
+  def __call__(self, tokens: jax.Array, mask: jax.Array, positions: jax.Array,
+               cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    c = self.config
+    t = tokens.shape[1]
+    x = self.embed(tokens)
+    rope = None
+    if c.family == 'gpt2':
+      x = x + self.pos_embed(positions)
+    else:
+      rope = rope_tables(positions, c.head_width, c.rope_theta)
+    if cache is None:
+      index = jnp.zeros((), jnp.int32)
+      key_valid, key_slot = mask, jnp.arange(t)
+    else:
+      index = cache.index
+      key_valid = jax.lax.dynamic_update_slice(cache.valid, mask.astype(bool), (0, index))
+      key_slot = jnp.arange(key_valid.shape[1])
+    query_slot = index + jnp.arange(t)
+    allowed = key_valid[:, None, None, None, :] & (key_slot[None, :] <= query_slot[:, None])[None, None, None]
+    new_k, new_v = [], []
+    for i, layer in enumerate(self.layers):
+      kv = None if cache is None else (cache.k[i], cache.v[i])
+      x, layer_kv = layer(x, allowed, rope, kv, index)
+      if cache is not None:
+        new_k.append(layer_kv[0])
+        new_v.append(layer_kv[1])
+    new_cache = None if cache is None else KVCache(tuple(new_k), tuple(new_v), key_valid, index + t)
+    return self.final_norm(x), new_cache
+
+
+class LanguageModel(nn.Module):
+  """Backbone + LM head: logits `[B, T, V]` float32 (and the new cache)."""
+  config: ModelConfig
+
+  def setup(self):
+    self.backbone = Transformer(self.config)
+    self.lm_head = LMHead(self.config)
+
+  def __call__(self, tokens, mask, positions, cache=None):
+    h, cache = self.backbone(tokens, mask, positions, cache)
+    embedding = self.backbone.embed.embedding if self.config.tie_embeddings else None
+    return self.lm_head(h, embedding), cache
+
+
+def check_inputs(config: ModelConfig, tokens: jax.Array, mask: jax.Array,
+                 positions: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Validates shapes and dtypes (before tracing goes further); fills in default positions."""
+  if tokens.ndim != 2:
+    raise ValueError(f'tokens must be [B, T]; got shape {tokens.shape}.')
+  if mask.shape != tokens.shape:
+    raise ValueError(f'mask must have the shape of tokens {tokens.shape}; got {mask.shape}.')
+  if not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f'tokens must be integer token ids; got dtype {tokens.dtype}.')
+  if positions is None:
+    positions = default_positions(mask)
+  elif positions.shape != tokens.shape:
+    raise ValueError(f'positions must have the shape of tokens {tokens.shape}; got {positions.shape}.')
+  return tokens.astype(jnp.int32), mask.astype(bool), positions.astype(jnp.int32)
+
+
+def init_lm(rng: jax.Array, config: ModelConfig) -> Params:
+  """LM parameters (layout in the module docstring), initialised from `rng`."""
+  dummy = jnp.zeros((1, 1), jnp.int32)
+  return LanguageModel(config).init(rng, dummy, jnp.ones((1, 1), bool), dummy)['params']
+
+
+def lm_logits(params: Params, config: ModelConfig, tokens: jax.Array, mask: jax.Array,
+              positions: jax.Array | None = None) -> jax.Array:
+  """No-cache forward pass: logits `[B, T, V]` float32 for `tokens [B, T]`, `mask [B, T]`."""
+  tokens, mask, positions = check_inputs(config, tokens, mask, positions)
+  return LanguageModel(config).apply({'params': params}, tokens, mask, positions)[0]
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int) -> KVCache:
+  """An empty cache of `max_len` slots: zeros `k, v [B, S, KV, hd]`, `valid` all False, index 0."""
+  if max_len <= 0 or max_len > config.max_len:
+    raise ValueError(f'init_cache: max_len={max_len} must be in [1, config.max_len={config.max_len}].')
+  if batch <= 0:
+    raise ValueError(f'init_cache: batch={batch} must be positive.')
+  shape = (batch, max_len, config.num_kv_heads, config.head_width)
+  zeros = tuple(jnp.zeros(shape, jnp.dtype(config.dtype)) for _ in range(config.num_layers))
+  return KVCache(zeros, zeros, jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
+
+
+def lm_decode(params: Params, config: ModelConfig, tokens: jax.Array, mask: jax.Array,
+              positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+  """Forward pass of `tokens [B, T]` against a cache: (logits `[B, T, V]`, updated cache).
+
+  Used for the prefill (T = prompt length) and for each decode step (T = 1). The new
+  keys/values go to slots `cache.index ..`; `positions` must be given (the caller knows
+  how many real tokens each row has seen).
+  """
+  tokens, mask, positions = check_inputs(config, tokens, mask, positions)
+  if cache.valid.shape[0] != tokens.shape[0]:
+    raise ValueError(f'lm_decode: cache batch {cache.valid.shape[0]} != tokens batch {tokens.shape[0]}.')
+  if tokens.shape[1] > cache.valid.shape[1]:
+    raise ValueError(f'lm_decode: {tokens.shape[1]} tokens do not fit a cache of {cache.valid.shape[1]} slots.')
+  return LanguageModel(config).apply({'params': params}, tokens, mask, positions, cache)
