@@ -17,7 +17,7 @@ ROWS = [np.array([5, 9, 17, 3, 44]), np.array([7, 1, 63]), np.array([12, 30, 2, 
 @pytest.fixture(scope='module', params=['full', 'multi_head'])
 def rm(request):
   model = RewardModel(LLAMA, num_members=K, kind=request.param)
-  params = randomize(model.init(jax.random.key(0)), seed=2)
+  params = randomize(jax.jit(model.init)(jax.random.key(0)), seed=2)
   return model, params, jax.jit(model.apply)
 
 
@@ -60,7 +60,7 @@ def test_score_read_at_last_real_token_of_prompt_and_response():
   """A left-padded prompt + right-padded response row is scored at its last real token:
   padding after it, and tokens hidden by the mask, change nothing (exact up to 1e-5)."""
   model = RewardModel(LLAMA, 1, 'full')
-  params = randomize(model.init(jax.random.key(3)), seed=4)
+  params = randomize(jax.jit(model.init)(jax.random.key(3)), seed=4)
   apply = jax.jit(model.apply)
   tokens = jnp.asarray([[0, 0, 5, 6, 7, 8, 0, 0], [0, 0, 5, 6, 7, 8, 0, 0]], jnp.int32)
   mask = jnp.asarray([[0, 0, 1, 1, 1, 1, 0, 0]] * 2, bool)
@@ -84,12 +84,12 @@ def test_full_ensemble_equals_members_applied_alone():
   """Each member of a 'full' ensemble applied as a K=1 model equals its row of the vmapped
   apply (atol 1e-6), and members differ (each has its own init key)."""
   model = RewardModel(LLAMA, num_members=K, kind='full')
-  params = model.init(jax.random.key(5))
+  params = jax.jit(model.init)(jax.random.key(5))
   tokens, mask = pad_rows(ROWS[:4], 8, 'right')
-  both = np.asarray(model.apply(params, tokens, mask))
-  single = RewardModel(LLAMA, 1, 'full')
+  both = np.asarray(jax.jit(model.apply)(params, tokens, mask))
+  single = jax.jit(RewardModel(LLAMA, 1, 'full').apply)
   for i, p in enumerate(ensemble.unstack(params)):
-    alone = np.asarray(single.apply(ensemble.stack([p]), tokens, mask))
+    alone = np.asarray(single(ensemble.stack([p]), tokens, mask))
     np.testing.assert_allclose(alone[0], both[i], atol=1e-6, rtol=0)
   emb = params['backbone']['embed']['embedding']
   assert not np.allclose(emb[0], emb[1])

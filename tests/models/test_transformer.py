@@ -41,7 +41,7 @@ def test_parameter_counts_tiny_and_small():
 
 @pytest.fixture(scope='module')
 def model(family_config):
-  params = randomize(tf.init_lm(jax.random.key(0), family_config), seed=1)
+  params = randomize(jax.jit(tf.init_lm, static_argnums=1)(jax.random.key(0), family_config), seed=1)
   return family_config, params, jax.jit(tf.lm_logits, static_argnums=1)
 
 

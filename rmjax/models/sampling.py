@@ -1,0 +1,144 @@
+"""KV-cache sampling in one compiled loop, and no-cache token log-probabilities.
+
+`sample` prefills a cache with the left-padded prompts `[B, P]` in one call, then runs
+`lax.scan` over `max_new_tokens - 1` decode steps whose query length is 1. At step n it
+draws token n from the logits of the previous position:
+
+  z = logits / T                                   (temperature T > 0)
+  policy_logprobs[n] = log_softmax(z)[token]       the policy an RL trainer recomputes
+  truncation: keep the top_k largest z (top_k > 0), then, of those, the smallest prefix of
+  the descending order whose probability under softmax reaches top_p (the top token is
+  always kept; Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration")
+  logprobs[n] = log_softmax(z restricted to the kept set)[token]   the distribution drawn from
+
+Temperature 0 means greedy decoding (`argmax(logits)`): `logprobs` are then 0 (the point
+mass on the argmax has probability 1) and `policy_logprobs` are those of the untempered
+policy, `log_softmax(logits)` (T = 0 is read as T = 1 there, as in `token_logprobs`).
+After `eos_id` a row emits `pad_id` with mask False and log-probs 0.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rmjax.models.config import ModelConfig
+from rmjax.models.transformer import Params, check_inputs, default_positions, init_cache, lm_decode, lm_logits
+
+
+class SampleOutput(NamedTuple):
+  """tokens [B, N] int32 (pad_id after EOS); mask [B, N] bool (generated, up to and including
+  EOS); logprobs [B, N] under the truncated sampling distribution; policy_logprobs [B, N]
+  under `log_softmax(logits / T)`; both 0 where mask is False."""
+  tokens: jax.Array
+  mask: jax.Array
+  logprobs: jax.Array
+  policy_logprobs: jax.Array
+
+
+def _per_row(x: jax.Array) -> jax.Array:
+  """A scalar or `[B]` hyperparameter as something that broadcasts against `[B, V]`."""
+  x = jnp.asarray(x, jnp.float32)
+  return x[:, None] if x.ndim == 1 else x
+
+
+def _safe_temperature(temperature: jax.Array) -> jax.Array:
+  return jnp.where(temperature > 0, temperature, 1.0)
+
+
+def token_logprobs(params: Params, config: ModelConfig, tokens: jax.Array, mask: jax.Array,
+                   temperature: float | jax.Array = 1.0, positions: jax.Array | None = None) -> jax.Array:
+  """`out[:, t] = log_softmax(logits[:, t-1] / T)[tokens[:, t]]` `[B, T]` float32, no cache.
+
+  0 at t = 0, where `mask[:, t]` is False, and where `mask[:, t-1]` is False (no real
+  previous token, e.g. the first real token after left padding). T = 0 reads as T = 1.
+  """
+  tokens, mask, positions = check_inputs(config, tokens, mask, positions)
+  logits = lm_logits(params, config, tokens, mask, positions)[:, :-1]
+  t = _safe_temperature(_per_row(temperature))
+  lp = jax.nn.log_softmax(logits / (t[..., None] if jnp.ndim(t) == 2 else t), axis=-1)
+  picked = jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]
+  keep = mask[:, 1:] & mask[:, :-1]
+  return jnp.pad(jnp.where(keep, picked, 0.0), ((0, 0), (1, 0)))
+
+
+def _choose(logits, key, temperature, top_p, top_k: int, use_top_p: bool):
+  """One draw per row from `logits [B, V]` -> (token [B], logprob [B], policy_logprob [B])."""
+  greedy = temperature <= 0
+  z = logits / _safe_temperature(temperature)
+  policy = jax.nn.log_softmax(z, axis=-1)
+  if top_k > 0 or use_top_p:
+    cand, cand_idx = jax.lax.top_k(z, top_k if top_k > 0 else z.shape[-1])
+  else:
+    cand, cand_idx = z, None
+  if use_top_p:
+    probs = jax.nn.softmax(cand, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    keep = (before < top_p) | (jnp.arange(cand.shape[-1]) == 0)
+    cand = jnp.where(keep, cand, -jnp.inf)
+  choice = jax.random.categorical(key, cand, axis=-1)
+  cand_lp = jnp.take_along_axis(jax.nn.log_softmax(cand, axis=-1), choice[:, None], axis=-1)[:, 0]
+  drawn = choice if cand_idx is None else jnp.take_along_axis(cand_idx, choice[:, None], axis=-1)[:, 0]
+  token = jnp.where(greedy[:, 0] if greedy.ndim == 2 else greedy, jnp.argmax(logits, axis=-1), drawn)
+  logprob = jnp.where(greedy[:, 0] if greedy.ndim == 2 else greedy, 0.0, cand_lp)
+  policy_lp = jnp.take_along_axis(policy, token[:, None], axis=-1)[:, 0]
+  return token.astype(jnp.int32), logprob, policy_lp
+
+
+@functools.partial(jax.jit, static_argnames=('config', 'max_new_tokens', 'top_k', 'use_top_p', 'eos_id', 'pad_id'))
+def _sample(params, config, prompt_tokens, prompt_mask, rng, temperature, top_p, *, max_new_tokens, top_k,
+            use_top_p, eos_id, pad_id):
+  batch, prompt_len = prompt_tokens.shape
+  temperature, top_p = _per_row(temperature), _per_row(top_p)
+  cache = init_cache(config, batch, prompt_len + max_new_tokens - 1 if max_new_tokens > 1 else prompt_len)
+  logits, cache = lm_decode(params, config, prompt_tokens, prompt_mask, default_positions(prompt_mask), cache)
+  keys = jax.random.split(rng, max_new_tokens)
+  choose = functools.partial(_choose, temperature=temperature, top_p=top_p, top_k=top_k, use_top_p=use_top_p)
+
+  def emit(logits_last, key, done):
+    token, lp, plp = choose(logits_last, key)
+    live = ~done
+    token = jnp.where(live, token, pad_id)
+    out = (token, live, jnp.where(live, lp, 0.0), jnp.where(live, plp, 0.0))
+    if eos_id is not None:
+      done = done | (live & (token == eos_id))
+    return out, done
+
+  first, done = emit(logits[:, -1], keys[0], jnp.zeros((batch,), bool))
+  pos0 = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)
+
+  def step(carry, key):
+    cache, prev, done, pos = carry
+    token, live = prev[0], prev[1]
+    logits, cache = lm_decode(params, config, token[:, None], live[:, None], pos[:, None], cache)
+    out, done = emit(logits[:, 0], key, done)
+    return (cache, out, done, pos + 1), out
+
+  _, rest = jax.lax.scan(step, (cache, first, done, pos0), keys[1:])
+  tokens, mask, lp, plp = (jnp.concatenate([f[:, None], r.T], axis=1) for f, r in zip(first, rest))
+  return SampleOutput(tokens, mask, lp, plp)
+
+
+def sample(params: Params, config: ModelConfig, prompt_tokens: jax.Array, prompt_mask: jax.Array, rng: jax.Array,
+           *, max_new_tokens: int, temperature: float | jax.Array = 1.0, top_k: int = 0,
+           top_p: float | jax.Array = 1.0, eos_id: int | None = None, pad_id: int = 0) -> SampleOutput:
+  """Samples `max_new_tokens` tokens after left-padded prompts `[B, P]` (mask True = real).
+
+  temperature, top_p: Python numbers or traced arrays (scalars, or `[B]` per row);
+  max_new_tokens, top_k (0 = off), eos_id, pad_id: static. The nucleus sort is skipped
+  when top_p is the Python number 1.0 (or more) and top_k is 0. Jitted; a fixed `rng`
+  gives the same samples. Requires `P + max_new_tokens - 1 <= config.max_len`.
+  """
+  prompt_tokens, prompt_mask, _ = check_inputs(config, prompt_tokens, prompt_mask, None)
+  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    raise ValueError(f'sample: max_new_tokens={max_new_tokens!r} must be a positive int.')
+  if not isinstance(top_k, int) or not 0 <= top_k <= config.vocab_size:
+    raise ValueError(f'sample: top_k={top_k!r} must be an int in [0, vocab_size={config.vocab_size}] (0 = off).')
+  if prompt_tokens.shape[1] + max_new_tokens - 1 > config.max_len:
+    raise ValueError(f'sample: prompt length {prompt_tokens.shape[1]} + max_new_tokens {max_new_tokens} - 1 '
+                     f'exceeds config.max_len={config.max_len}.')
+  use_top_p = not (isinstance(top_p, (int, float)) and top_p >= 1.0)
+  return _sample(params, config, prompt_tokens, prompt_mask, rng, temperature, top_p, max_new_tokens=max_new_tokens,
+                 top_k=top_k, use_top_p=use_top_p, eos_id=eos_id, pad_id=pad_id)
