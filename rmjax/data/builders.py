@@ -55,16 +55,16 @@ def data_key(description: Any, length: int = 16) -> str:
   return hashlib.sha256(text.encode('utf-8')).hexdigest()[:length]
 
 
-def _check_name(builder: str, name: str) -> None:
-  if not isinstance(name, str) or not _NAME.fullmatch(name):
-    raise ValueError(f'{builder}: config name {name!r} must be letters, digits, "_" or "-" (for example '
+def _check_key(builder: str, key: str) -> None:
+  if not isinstance(key, str) or not _NAME.fullmatch(key):
+    raise ValueError(f'{builder}: key {key!r} (the config name) must be letters, digits, "_" or "-" (for example '
                      'data_key(...) of what produced the data).')
 
 
-def _check_split_sizes(builder: str, splits: Mapping[str, int]) -> None:
-  if not splits:
-    raise ValueError(f'{builder}: splits is empty; give split sizes, e.g. {{"train": 1000, "test": 200}}.')
-  for split, size in splits.items():
+def _check_split_sizes(builder: str, split_sizes: Mapping[str, int]) -> None:
+  if not split_sizes:
+    raise ValueError(f'{builder}: split_sizes is empty; give e.g. {{"train": 1000, "test": 200}}.')
+  for split, size in split_sizes.items():
     if not _NAME.fullmatch(split) or not isinstance(size, int) or size <= 0:
       raise ValueError(f'{builder}: split {split!r} with size {size!r}: names must be letters, digits, '
                        '"_" or "-", and sizes positive integers.')
@@ -101,7 +101,7 @@ class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                file_format: str = 'array_record'):
     if data_dir is None:
       raise ValueError(f'{type(self).__name__}: give data_dir (the folder that holds prepared datasets).')
-    _check_name(type(self).__name__, config.name)
+    _check_key(type(self).__name__, config.name)
     super().__init__(data_dir=data_dir, config=config, file_format=file_format)
 
   @abc.abstractmethod
@@ -126,9 +126,9 @@ class SyntheticPreferencesConfig(tfds.core.BuilderConfig):
 
   candidates: split -> iterable of (prompt_id, prompt, response_a, response_b, gold_a,
     gold_b): the caller samples two responses from its policy and scores both with its
-    gold reward model. Only the first `splits[split]` items are used. May be None to read
+    gold reward model. Only the first `split_sizes[split]` items are used. May be None to read
     an already prepared dataset.
-  splits: split name -> number of pairs.
+  split_sizes: split name -> number of pairs.
   label: 'gold_order' (chosen = the higher gold score, ties broken by a seeded coin) or
     'bradley_terry' (chosen = a with probability sigmoid((gold_a - gold_b) / bt_temperature)).
   flip_prob: share of labels swapped after labeling (seeded). With 'bradley_terry' it must
@@ -137,7 +137,7 @@ class SyntheticPreferencesConfig(tfds.core.BuilderConfig):
     they do not depend on the order or number of other examples.
   """
   candidates: Callable[[str], Iterable[Candidate]] | None = None
-  splits: Mapping[str, int] = dataclasses.field(default_factory=lambda: {'train': 1000, 'test': 200})
+  split_sizes: Mapping[str, int] = dataclasses.field(default_factory=lambda: {'train': 1000, 'test': 200})
   label: str = 'gold_order'
   flip_prob: float = 0.0
   bt_temperature: float = 1.0
@@ -146,7 +146,7 @@ class SyntheticPreferencesConfig(tfds.core.BuilderConfig):
 
   def __post_init__(self):
     where = 'SyntheticPreferences'
-    _check_split_sizes(where, self.splits)
+    _check_split_sizes(where, self.split_sizes)
     if self.label not in LABELS:
       raise ValueError(f'{where}: label={self.label!r}; expected one of {list(LABELS)}.')
     if not 0.0 <= self.flip_prob <= 1.0:
@@ -160,7 +160,8 @@ class SyntheticPreferencesConfig(tfds.core.BuilderConfig):
   def labeling(self) -> dict[str, Any]:
     """The labeling settings, as stored in the dataset's metadata."""
     return {'label': self.label, 'flip_prob': self.flip_prob, 'bt_temperature': self.bt_temperature,
-            'allow_flip_with_bt': self.allow_flip_with_bt, 'seed': self.seed, 'splits': dict(self.splits)}
+            'allow_flip_with_bt': self.allow_flip_with_bt, 'seed': self.seed,
+            'split_sizes': dict(self.split_sizes)}
 
 
 def label_pair(config: SyntheticPreferencesConfig, split: str, i: int, gold_a: float,
@@ -184,17 +185,17 @@ class SyntheticPreferences(_LocalBuilder, skip_registration=True):
   BUILDER_CONFIG_CLASS = SyntheticPreferencesConfig
 
   def __init__(self, *, data_dir: str | pathlib.Path, config: SyntheticPreferencesConfig | None = None,
-               name: str | None = None, **config_kwargs: Any):
-    """Pass either `config`, or `name` (the data key) plus `SyntheticPreferencesConfig` fields."""
-    if (config is None) == (name is None):
-      raise ValueError('SyntheticPreferences: pass exactly one of config= or name= (with config fields).')
+               key: str | None = None, **config_kwargs: Any):
+    """Pass either `config`, or `key` (the config name) plus `SyntheticPreferencesConfig` fields."""
+    if (config is None) == (key is None):
+      raise ValueError('SyntheticPreferences: pass exactly one of config= or key= (with config fields).')
     if config is None:
-      fields = {f.name for f in dataclasses.fields(SyntheticPreferencesConfig)}
+      fields = {f.name for f in dataclasses.fields(SyntheticPreferencesConfig)} - {'name'}
       unknown = sorted(set(config_kwargs) - fields)
       if unknown:
         raise ValueError(f'SyntheticPreferences: unknown arguments {unknown}; valid config fields are '
                          f'{sorted(fields)}.')
-      config = SyntheticPreferencesConfig(name=name, **config_kwargs)
+      config = SyntheticPreferencesConfig(name=key, **config_kwargs)
     elif config_kwargs:
       raise ValueError(f'SyntheticPreferences: {sorted(config_kwargs)} given with config=; put them in the config.')
     super().__init__(data_dir=data_dir, config=config)
@@ -211,7 +212,7 @@ class SyntheticPreferences(_LocalBuilder, skip_registration=True):
     if cfg.candidates is None:
       raise ValueError(f'SyntheticPreferences: {self.data_path} is not prepared and no candidates= '
                        'callable was given to generate it.')
-    return {split: self._generate_examples(split, size) for split, size in cfg.splits.items()}
+    return {split: self._generate_examples(split, size) for split, size in cfg.split_sizes.items()}
 
   def _generate_examples(self, split: str, size: int) -> Iterator[tuple[int, dict[str, Any]]]:
     cfg = self.builder_config
@@ -227,7 +228,7 @@ class SyntheticPreferences(_LocalBuilder, skip_registration=True):
                 'gold_chosen': gold_chosen, 'gold_rejected': gold_rejected, 'flipped': flipped}
     if i + 1 < size:
       raise ValueError(f'SyntheticPreferences: candidates({split!r}) gave {i + 1} rows; '
-                       f'splits[{split!r}]={size} were asked.')
+                       f'split_sizes[{split!r}]={size} were asked.')
 
 
 def _check_candidate(split: str, i: int, row: Any) -> Candidate:
@@ -307,11 +308,11 @@ class JsonlPreferences(_LocalBuilder, skip_registration=True):
   BUILDER_CONFIG_CLASS = JsonlPreferencesConfig
 
   def __init__(self, *, data_dir: str | pathlib.Path, files: Mapping[str, Sequence[str | pathlib.Path]],
-               name: str | None = None):
-    """`name` defaults to a hash of the files' contents."""
+               key: str | None = None):
+    """`key` (the config name) defaults to a hash of the files' contents."""
     _check_files('JsonlPreferences', files)
-    name = name if name is not None else _files_fingerprint(files)
-    super().__init__(data_dir=data_dir, config=JsonlPreferencesConfig(name=name, files=dict(files)))
+    key = key if key is not None else _files_fingerprint(files)
+    super().__init__(data_dir=data_dir, config=JsonlPreferencesConfig(name=key, files=dict(files)))
 
   def _features(self):
     return preference_features()
@@ -360,40 +361,40 @@ class JsonlPreferences(_LocalBuilder, skip_registration=True):
 
 @dataclasses.dataclass(eq=False)
 class TextCorpusConfig(tfds.core.BuilderConfig):
-  """Either `documents` (split -> iterable of str; the first splits[split] are used) with
-  `splits`, or `files` (split -> paths): `.jsonl` files give one document per line from
+  """Either `documents` (split -> iterable of str; the first split_sizes[split] are used)
+  with `split_sizes`, or `files` (split -> paths): `.jsonl` files give one document per line from
   its "text" field; other files give one document per non-blank line.
   """
   documents: Callable[[str], Iterable[str]] | None = None
-  splits: Mapping[str, int] = dataclasses.field(default_factory=dict)
+  split_sizes: Mapping[str, int] = dataclasses.field(default_factory=dict)
   files: Mapping[str, Sequence[str | pathlib.Path]] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
-    if self.files and (self.documents is not None or self.splits):
-      raise ValueError('TextCorpus: give either files=, or documents= with splits=, not both.')
+    if self.files and (self.documents is not None or self.split_sizes):
+      raise ValueError('TextCorpus: give either files=, or documents= with split_sizes=, not both.')
     if self.files:
       _check_files('TextCorpus', self.files)
-    elif self.splits:
-      _check_split_sizes('TextCorpus', self.splits)
+    elif self.split_sizes:
+      _check_split_sizes('TextCorpus', self.split_sizes)
 
 
 class TextCorpus(_LocalBuilder, skip_registration=True):
   """Documents for next-token training, one Text field `text`."""
   BUILDER_CONFIG_CLASS = TextCorpusConfig
 
-  def __init__(self, *, data_dir: str | pathlib.Path, name: str | None = None,
+  def __init__(self, *, data_dir: str | pathlib.Path, key: str | None = None,
                documents: Callable[[str], Iterable[str]] | None = None,
-               splits: Mapping[str, int] | None = None,
+               split_sizes: Mapping[str, int] | None = None,
                files: Mapping[str, Sequence[str | pathlib.Path]] | None = None):
-    """`name` is required with `documents` (or to read a prepared corpus); with `files` it
-    defaults to a hash of their contents."""
-    if name is None:
+    """`key` (the config name) is required with `documents` (or to read a prepared corpus);
+    with `files` it defaults to a hash of their contents."""
+    if key is None:
       if not files:
-        raise ValueError('TextCorpus: give name= (the data key) with documents=, or files=.')
+        raise ValueError('TextCorpus: give key= (the config name) with documents=, or files=.')
       _check_files('TextCorpus', files)
-      name = _files_fingerprint(files)
+      key = _files_fingerprint(files)
     super().__init__(data_dir=data_dir, config=TextCorpusConfig(
-        name=name, documents=documents, splits=dict(splits or {}), files=dict(files or {})))
+        name=key, documents=documents, split_sizes=dict(split_sizes or {}), files=dict(files or {})))
 
   def _features(self):
     return tfds.features.FeaturesDict({'text': _text()})
@@ -409,10 +410,11 @@ class TextCorpus(_LocalBuilder, skip_registration=True):
       return {split: self._generate_examples(d) for split, d in docs.items()}
     if cfg.documents is None:
       raise ValueError(f'TextCorpus: {self.data_path} is not prepared and neither documents= (with '
-                       'splits=) nor files= was given to generate it.')
-    if not cfg.splits:
-      raise ValueError('TextCorpus: documents= needs splits= (split -> number of documents).')
-    return {split: self._generate_examples(self._take(split, size)) for split, size in cfg.splits.items()}
+                       'split_sizes=) nor files= was given to generate it.')
+    if not cfg.split_sizes:
+      raise ValueError('TextCorpus: documents= needs split_sizes= (split -> number of documents).')
+    return {split: self._generate_examples(self._take(split, size))
+            for split, size in cfg.split_sizes.items()}
 
   def _take(self, split: str, size: int) -> Iterator[str]:
     n = 0
@@ -423,7 +425,7 @@ class TextCorpus(_LocalBuilder, skip_registration=True):
       yield doc
       if n == size:
         return
-    raise ValueError(f'TextCorpus: documents({split!r}) gave {n} documents; splits[{split!r}]={size} '
+    raise ValueError(f'TextCorpus: documents({split!r}) gave {n} documents; split_sizes[{split!r}]={size} '
                      'were asked.')
 
   def _read(self, split: str) -> Iterator[str]:

@@ -32,8 +32,8 @@ def rows(builder, split):
 
 @pytest.fixture(scope='module')
 def gold_order(tmp_path_factory):
-  return prepare(B.SyntheticPreferences(data_dir=tmp_path_factory.mktemp('syn'), name='world0',
-                                        candidates=toy_candidates, splits={'train': 40, 'test': 10}))
+  return prepare(B.SyntheticPreferences(data_dir=tmp_path_factory.mktemp('syn'), key='world0',
+                                        candidates=toy_candidates, split_sizes={'train': 40, 'test': 10}))
 
 
 # --------------------------------------------------------------------------- synthetic
@@ -62,24 +62,24 @@ def test_synthetic_round_trip_gold_order(gold_order):
 def test_synthetic_metadata_and_read_only_reload(gold_order):
   again = tfds.builder_from_directory(gold_order.data_path)
   assert again.info.metadata['label'] == 'gold_order'
-  assert again.info.metadata['splits'] == {'train': 40, 'test': 10}
+  assert again.info.metadata['split_sizes'] == {'train': 40, 'test': 10}
   assert rows(again, 'train') == rows(gold_order, 'train')
 
 
 def test_skipped_when_prepared(gold_order):
   def must_not_run(split):
     raise AssertionError('candidates called for a prepared dataset')
-  b = prepare(B.SyntheticPreferences(data_dir=gold_order.data_dir_root, name='world0',
-                                     candidates=must_not_run, splits={'train': 40, 'test': 10}))
+  b = prepare(B.SyntheticPreferences(data_dir=gold_order.data_dir_root, key='world0',
+                                     candidates=must_not_run, split_sizes={'train': 40, 'test': 10}))
   assert rows(b, 'test') == rows(gold_order, 'test')
   # Reading needs no candidates at all.
-  assert len(prepare(B.SyntheticPreferences(data_dir=gold_order.data_dir_root, name='world0'))
+  assert len(prepare(B.SyntheticPreferences(data_dir=gold_order.data_dir_root, key='world0'))
              .as_data_source('train')) == 40
 
 
 def test_keys_do_not_collide(gold_order, tmp_path):
-  other = prepare(B.SyntheticPreferences(data_dir=gold_order.data_dir_root, name='world1',
-                                         candidates=toy_candidates, splits={'train': 40, 'test': 10},
+  other = prepare(B.SyntheticPreferences(data_dir=gold_order.data_dir_root, key='world1',
+                                         candidates=toy_candidates, split_sizes={'train': 40, 'test': 10},
                                          flip_prob=1.0))
   assert other.data_path != gold_order.data_path
   assert all(r['flipped'] for i, r in enumerate(rows(other, 'train')) if i % 5 != 2)
@@ -92,13 +92,13 @@ def test_writing_is_atomic(tmp_path):
   def fails_midway(split):
     yield from itertools.islice(toy_candidates(split), 5)
     raise RuntimeError('policy crashed')
-  b = B.SyntheticPreferences(data_dir=tmp_path, name='w', candidates=fails_midway, splits={'train': 20})
+  b = B.SyntheticPreferences(data_dir=tmp_path, key='w', candidates=fails_midway, split_sizes={'train': 20})
   with pytest.raises(RuntimeError, match='policy crashed'):
     b.download_and_prepare()
   assert not b.data_path.exists()
   assert not [p for p in (tmp_path / 'synthetic_preferences' / 'w').iterdir() if 'incomplete' in p.name]
-  good = prepare(B.SyntheticPreferences(data_dir=tmp_path, name='w', candidates=toy_candidates,
-                                        splits={'train': 20}))
+  good = prepare(B.SyntheticPreferences(data_dir=tmp_path, key='w', candidates=toy_candidates,
+                                        split_sizes={'train': 20}))
   assert len(good.as_data_source('train')) == 20
 
 
@@ -145,27 +145,27 @@ def test_labeling_errors():
   with pytest.raises(ValueError, match='bt_temperature'):
     _config(bt_temperature=0.0)
   with pytest.raises(ValueError, match='sizes positive'):
-    _config(splits={'train': 0})
+    _config(split_sizes={'train': 0})
 
 
 def test_builder_argument_errors(tmp_path):
-  with pytest.raises(ValueError, match='config name'):
-    B.SyntheticPreferences(data_dir=tmp_path, name='a/b')
+  with pytest.raises(ValueError, match='the config name'):
+    B.SyntheticPreferences(data_dir=tmp_path, key='a/b')
   with pytest.raises(ValueError, match='unknown arguments'):
-    B.SyntheticPreferences(data_dir=tmp_path, name='a', flip=0.1)
+    B.SyntheticPreferences(data_dir=tmp_path, key='a', flip=0.1)
   with pytest.raises(ValueError, match='exactly one'):
     B.SyntheticPreferences(data_dir=tmp_path)
   with pytest.raises(ValueError, match='no candidates'):
-    B.SyntheticPreferences(data_dir=tmp_path, name='unprepared').download_and_prepare()
-  with pytest.raises(ValueError, match=r"gave 3 rows; splits\['train'\]=10"):
-    B.SyntheticPreferences(data_dir=tmp_path, name='short', splits={'train': 10},
+    B.SyntheticPreferences(data_dir=tmp_path, key='unprepared').download_and_prepare()
+  with pytest.raises(ValueError, match=r"gave 3 rows; split_sizes\['train'\]=10"):
+    B.SyntheticPreferences(data_dir=tmp_path, key='short', split_sizes={'train': 10},
                            candidates=lambda s: itertools.islice(toy_candidates(s), 3)).download_and_prepare()
   with pytest.raises(ValueError, match="row 1: response_a must be a str"):
-    B.SyntheticPreferences(data_dir=tmp_path, name='bad', splits={'train': 2},
+    B.SyntheticPreferences(data_dir=tmp_path, key='bad', split_sizes={'train': 2},
                            candidates=lambda s: [(0, 'p', 'a', 'b', 1.0, 0.0),
                                                  (0, 'p', 3, 'b', 1.0, 0.0)]).download_and_prepare()
   with pytest.raises(ValueError, match='finite'):
-    B.SyntheticPreferences(data_dir=tmp_path, name='nan', splits={'train': 1},
+    B.SyntheticPreferences(data_dir=tmp_path, key='nan', split_sizes={'train': 1},
                            candidates=lambda s: [(0, 'p', 'a', 'b', float('nan'), 0.0)]).download_and_prepare()
 
 
@@ -203,7 +203,7 @@ def test_jsonl_ids_by_first_appearance(tmp_path):
 def test_jsonl_explicit_ids(tmp_path):
   f = write_jsonl(tmp_path / 'a.jsonl', [{'prompt': 'q', 'chosen': 'c', 'rejected': 'r', 'prompt_id': 41},
                                          {'prompt': 'q', 'chosen': 'c2', 'rejected': 'r2', 'prompt_id': 7}])
-  b = prepare(B.JsonlPreferences(data_dir=tmp_path, files={'train': [f]}, name='explicit'))
+  b = prepare(B.JsonlPreferences(data_dir=tmp_path, files={'train': [f]}, key='explicit'))
   assert [r['prompt_id'] for r in rows(b, 'train')] == [41, 7]
 
 
@@ -241,7 +241,7 @@ def test_jsonl_argument_errors(tmp_path):
 
 def test_text_corpus_from_callable_and_files(tmp_path):
   docs = lambda split: (f'{split} doc {i}.' for i in range(10**6))  # noqa: E731
-  b = prepare(B.TextCorpus(data_dir=tmp_path, name='lang0', documents=docs, splits={'train': 6, 'test': 2}))
+  b = prepare(B.TextCorpus(data_dir=tmp_path, key='lang0', documents=docs, split_sizes={'train': 6, 'test': 2}))
   assert [r['text'] for r in rows(b, 'test')] == [b'test doc 0.', b'test doc 1.']
   assert len(b.as_data_source('train')) == 6
   txt = tmp_path / 'a.txt'
@@ -252,16 +252,16 @@ def test_text_corpus_from_callable_and_files(tmp_path):
 
 
 def test_text_corpus_errors(tmp_path):
-  with pytest.raises(ValueError, match='give name='):
-    B.TextCorpus(data_dir=tmp_path, documents=lambda s: ['x'], splits={'train': 1})
+  with pytest.raises(ValueError, match='give key='):
+    B.TextCorpus(data_dir=tmp_path, documents=lambda s: ['x'], split_sizes={'train': 1})
   with pytest.raises(ValueError, match='not both'):
-    B.TextCorpus(data_dir=tmp_path, name='x', documents=lambda s: ['x'], splits={'train': 1},
+    B.TextCorpus(data_dir=tmp_path, key='x', documents=lambda s: ['x'], split_sizes={'train': 1},
                  files={'train': [__file__]})
-  with pytest.raises(ValueError, match='needs splits'):
-    B.TextCorpus(data_dir=tmp_path, name='nosplits', documents=lambda s: ['x']).download_and_prepare()
+  with pytest.raises(ValueError, match='needs split_sizes'):
+    B.TextCorpus(data_dir=tmp_path, key='nosplits', documents=lambda s: ['x']).download_and_prepare()
   with pytest.raises(ValueError, match="gave 1 documents"):
-    B.TextCorpus(data_dir=tmp_path, name='short', documents=lambda s: ['x'],
-                 splits={'train': 3}).download_and_prepare()
+    B.TextCorpus(data_dir=tmp_path, key='short', documents=lambda s: ['x'],
+                 split_sizes={'train': 3}).download_and_prepare()
   bad = write_jsonl(tmp_path / 'bad.jsonl', [{'text': 'ok'}, {'txt': 'no'}])
   with pytest.raises(ValueError, match=f'{bad}:2: needs a string field "text"'):
     B.TextCorpus(data_dir=tmp_path, files={'train': [bad]}).download_and_prepare()
@@ -281,12 +281,12 @@ def test_write_and_read_without_tensorflow(tmp_path):
       def cands(split):
         for i in range(100):
           yield i % 8, prompts[i % 8], ' a.', ' bb.', float(i % 3), 1.0
-      syn = B.SyntheticPreferences(data_dir=d, name='w', candidates=cands, splits={{'train': 16}})
+      syn = B.SyntheticPreferences(data_dir=d, key='w', candidates=cands, split_sizes={{'train': 16}})
       syn.download_and_prepare()
       open(d + '/p.jsonl', 'w').write(json.dumps({{'prompt': 'q', 'chosen': 'c', 'rejected': 'r'}}) + '\\n')
       js = B.JsonlPreferences(data_dir=d, files={{'train': [d + '/p.jsonl']}})
       js.download_and_prepare()
-      tc = B.TextCorpus(data_dir=d, name='c', documents=lambda s: iter(g.documents(4, 0)), splits={{'train': 4}})
+      tc = B.TextCorpus(data_dir=d, key='c', documents=lambda s: iter(g.documents(4, 0)), split_sizes={{'train': 4}})
       tc.download_and_prepare()
       tok = data.ByteTokenizer()
       pairs = data.PairBatches(syn.as_data_source('train'), tok, seq_len=48, global_batch_size=4, seed=0)

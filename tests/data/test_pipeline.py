@@ -161,8 +161,8 @@ def synthetic_source(tmp_path_factory):
   def cands(split):
     for i in range(16):
       yield i % 3, f'q{i % 3}', f' x{i}', f' y{i}', float(i), 7.5
-  b = B.SyntheticPreferences(data_dir=tmp_path_factory.mktemp('pipe'), name='w', candidates=cands,
-                             splits={'train': 16})
+  b = B.SyntheticPreferences(data_dir=tmp_path_factory.mktemp('pipe'), key='w', candidates=cands,
+                             split_sizes={'train': 16})
   b.download_and_prepare()
   return b.as_data_source('train')
 
