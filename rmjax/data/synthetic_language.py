@@ -7,7 +7,7 @@ Lexicon (invented lowercase ASCII words, drawn from the seed; letter `s` is rese
 the plural): determiners `Det_sg`, `Det_pl`; nouns `N_sg` (a stem) / `N_pl` (stem + 's');
 transitive verbs `VT_sg` (stem + 'a') / `VT_pl` (stem + 'o'); intransitive verbs
 `VI_sg` / `VI_pl` (same suffixes); adjectives `Adj`; adverbs `Adv`; prepositions `P`.
-About 70 surface forms with the default sizes.
+About 60 surface forms with the default sizes.
 
 Rules (n in {sg, pl}; subject, determiner and verb agree in number)::
 

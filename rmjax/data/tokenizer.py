@@ -15,6 +15,8 @@ from typing import Any
 
 import tokenizers
 
+_REPLACEMENT = '\ufffd'.encode('utf-8')
+
 
 class Tokenizer(abc.ABC):
   """Text <-> token ids, with pad / bos / eos special tokens."""
@@ -25,7 +27,11 @@ class Tokenizer(abc.ABC):
 
   @abc.abstractmethod
   def decode(self, ids: Sequence[int]) -> str:
-    """Text of `ids`; special tokens (pad, bos, eos) are dropped."""
+    """Text of `ids`; special tokens (pad, bos, eos) are dropped.
+
+    An id outside [0, vocab_size) (a model's vocabulary is often padded past the
+    tokenizer's) decodes to U+FFFD instead of raising, so sampled text stays decodable.
+    """
 
   @property
   @abc.abstractmethod
@@ -68,7 +74,7 @@ class ByteTokenizer(Tokenizer):
 
   Ids: pad = 0, bos = 1, eos = 2, and byte b (0..255) -> b + 3; vocab_size = 259, which
   fits in the `tiny` model's vocabulary of 512. Decoding drops specials and replaces
-  invalid UTF-8 sequences with U+FFFD.
+  invalid UTF-8 sequences and ids >= 259 with U+FFFD.
   """
   OFFSET = 3
 
@@ -80,8 +86,8 @@ class ByteTokenizer(Tokenizer):
     for i in ids:
       i = int(i)
       if not 0 <= i < self.vocab_size:
-        raise ValueError(f'ByteTokenizer.decode: id {i} is outside [0, {self.vocab_size}).')
-      if i >= self.OFFSET:
+        out += _REPLACEMENT
+      elif i >= self.OFFSET:
         out.append(i - self.OFFSET)
     return out.decode('utf-8', errors='replace')
 
@@ -180,11 +186,13 @@ class HFTokenizer(Tokenizer):
     return list(self._tok.encode(text, add_special_tokens=False).ids)
 
   def decode(self, ids: Sequence[int]) -> str:
-    ids = [int(i) for i in ids]
-    bad = [i for i in ids if not 0 <= i < self.vocab_size]
-    if bad:
-      raise ValueError(f'HFTokenizer.decode: ids {bad[:5]} are outside [0, {self.vocab_size}).')
-    return self._tok.decode([i for i in ids if i not in self.special_ids], skip_special_tokens=True)
+    runs: list[list[int]] = [[]]
+    for i in map(int, ids):
+      if not 0 <= i < self.vocab_size:
+        runs.append([])
+      elif i not in self.special_ids:
+        runs[-1].append(i)
+    return '\ufffd'.join(self._tok.decode(run, skip_special_tokens=True) for run in runs)
 
   @property
   def vocab_size(self) -> int:

@@ -36,8 +36,7 @@ def test_byte_decode_drops_specials_and_round_trips():
   ids = t.encode(text, add_bos=True, add_eos=True)
   assert t.decode(ids + [t.pad_id] * 3) == text
   assert t.decode([0, 100, 1, 101, 2]) == 'ab'
-  with pytest.raises(ValueError, match='outside'):
-    t.decode([259])
+  assert t.decode([100, 259, 101, 511, -1]) == 'a\ufffdb\ufffd\ufffd'  # ids past the vocabulary.
 
 
 def test_byte_to_dict_round_trip():
@@ -59,6 +58,8 @@ def test_hf_specials_read_from_file_and_encode(hf_json):
   assert len(ids) < len(text)  # merges learned on the corpus shorten the sequence.
   assert t.encode(text, add_bos=True, add_eos=True) == [1] + ids + [2]
   assert t.decode([t.bos_id] + ids + [t.eos_id, t.pad_id]) == text
+  assert t.decode(ids[:2] + [t.vocab_size + 5] + ids[2:]) == (
+      t.decode(ids[:2]) + '\ufffd' + t.decode(ids[2:]))
 
 
 def test_hf_specials_given(hf_json, tmp_path):
