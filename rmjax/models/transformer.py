@@ -122,13 +122,14 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 class Attention(nn.Module):
   """Causal grouped-query attention with a fused qkv projection and an optional KV cache.
 
-  x [B, T, D]; allowed [B, 1, 1, T, S] bool; rope (cos, sin) or None; kv: the layer's
+  x [B, T, D]; bias [B, 1, 1, T, S] float32 (0 where a key is allowed, the most negative
+  float where not); rope (cos, sin) or None; kv: the layer's
   cached (k, v) `[B, S, KV, hd]` or None (then S = T). Returns (y [B, T, D], new kv or None).
   """
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, allowed, rope, kv, index):
+  def __call__(self, x, bias, rope, kv, index):
     c = self.config
     b, t, _ = x.shape
     h, kvh, hd = c.num_heads, c.num_kv_heads, c.head_width
@@ -142,12 +143,20 @@ class Attention(nn.Module):
       k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
       v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
       new_kv = (k, v)
-    q = q.reshape(b, t, kvh, h // kvh, hd)
+    # Queries of one KV group share a batched matmul: [B, KV, G*T, hd] x [B, KV, S, hd].
+    g = h // kvh
+    q = (q * hd ** -0.5).reshape(b, t, kvh, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, hd)
+    k, v = k.astype(dtype).transpose(0, 2, 1, 3), v.astype(dtype).transpose(0, 2, 1, 3)
     with jax.named_scope('attention_scores'):
-      scores = jnp.einsum('btkgd,bskd->bkgts', q, k.astype(dtype), preferred_element_type=jnp.float32)
-    scores = jnp.where(allowed, scores * hd ** -0.5, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum('bkgts,bskd->btkgd', probs, v.astype(dtype)).reshape(b, t, h * hd)
+      scores = jnp.einsum('bkqd,bksd->bkqs', q, k, preferred_element_type=jnp.float32)
+    scores = scores.reshape(b, kvh, g, t, -1) + bias
+    # Softmax with the normalisation applied after the value product (fewer passes over
+    # [.., T, S]); the max shift cancels exactly, so it carries no gradient.
+    weights = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
+    out = jnp.einsum('bkqs,bksd->bkqd', weights.reshape(b, kvh, g * t, -1).astype(dtype), v,
+                     preferred_element_type=jnp.float32)
+    out = out / jnp.sum(weights, axis=-1).reshape(b, kvh, g * t, 1)
+    out = out.astype(dtype).reshape(b, kvh, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, h * hd)
     return Dense(c.width, c.attn_bias and c.family == 'gpt2', c, name='out')(out), new_kv
 
 
@@ -171,8 +180,8 @@ class Block(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, allowed, rope, kv, index):
-    a, new_kv = Attention(self.config, name='attn')(Norm(self.config, name='attn_norm')(x), allowed, rope, kv, index)
+  def __call__(self, x, bias, rope, kv, index):
+    a, new_kv = Attention(self.config, name='attn')(Norm(self.config, name='attn_norm')(x), bias, rope, kv, index)
     x = x + a
     x = x + MLP(self.config, name='mlp')(Norm(self.config, name='mlp_norm')(x))
     return x, new_kv
@@ -211,10 +220,11 @@ class Transformer(nn.Module):
       key_slot = jnp.arange(key_valid.shape[1])
     query_slot = index + jnp.arange(t)
     allowed = key_valid[:, None, None, None, :] & (key_slot[None, :] <= query_slot[:, None])[None, None, None]
+    bias = jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
       kv = None if cache is None else (cache.k[i], cache.v[i])
-      x, layer_kv = layer(x, allowed, rope, kv, index)
+      x, layer_kv = layer(x, bias, rope, kv, index)
       if cache is not None:
         new_k.append(layer_kv[0])
         new_v.append(layer_kv[1])

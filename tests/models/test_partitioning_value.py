@@ -69,7 +69,8 @@ def test_values_are_head_on_backbone_hidden_states():
   params['value_head']['bias'] = jnp.asarray(0.25)
   tokens, mask = pad_rows([np.array([3, 4, 5]), np.array([6, 7, 8, 9, 10])], 6, 'left')
   v = np.asarray(jax.jit(value_model.values, static_argnums=1)(params, LLAMA, tokens, mask))
-  h, _ = tf.Transformer(LLAMA).apply({'params': params['backbone']}, tokens, mask, tf.default_positions(mask))
+  backbone = jax.jit(lambda p, t, m: tf.Transformer(LLAMA).apply({'params': p}, t, m, tf.default_positions(m))[0])
+  h = backbone(params['backbone'], tokens, mask)
   want = np.asarray(h) @ np.asarray(params['value_head']['kernel']) + 0.25
   m = np.asarray(mask)
   assert v.shape == (2, 6)
