@@ -66,7 +66,7 @@ def token_logprobs(params: Params, config: ModelConfig, tokens: jax.Array, mask:
 
 def _choose(logits, key, temperature, top_p, top_k: int, use_top_p: bool):
   """One draw per row from `logits [B, V]` -> (token [B], logprob [B], policy_logprob [B])."""
-  greedy = temperature <= 0
+  greedy = jnp.broadcast_to(temperature <= 0, logits.shape[:1] + (1,))[:, 0]
   z = logits / _safe_temperature(temperature)
   policy = jax.nn.log_softmax(z, axis=-1)
   if top_k > 0 or use_top_p:
@@ -81,8 +81,8 @@ def _choose(logits, key, temperature, top_p, top_k: int, use_top_p: bool):
   choice = jax.random.categorical(key, cand, axis=-1)
   cand_lp = jnp.take_along_axis(jax.nn.log_softmax(cand, axis=-1), choice[:, None], axis=-1)[:, 0]
   drawn = choice if cand_idx is None else jnp.take_along_axis(cand_idx, choice[:, None], axis=-1)[:, 0]
-  token = jnp.where(greedy[:, 0] if greedy.ndim == 2 else greedy, jnp.argmax(logits, axis=-1), drawn)
-  logprob = jnp.where(greedy[:, 0] if greedy.ndim == 2 else greedy, 0.0, cand_lp)
+  token = jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn)
+  logprob = jnp.where(greedy, 0.0, cand_lp)
   policy_lp = jnp.take_along_axis(policy, token[:, None], axis=-1)[:, 0]
   return token.astype(jnp.int32), logprob, policy_lp
 
@@ -92,7 +92,7 @@ def _sample(params, config, prompt_tokens, prompt_mask, rng, temperature, top_p,
             use_top_p, eos_id, pad_id):
   batch, prompt_len = prompt_tokens.shape
   temperature, top_p = _per_row(temperature), _per_row(top_p)
-  cache = init_cache(config, batch, prompt_len + max_new_tokens - 1 if max_new_tokens > 1 else prompt_len)
+  cache = init_cache(config, batch, prompt_len + max_new_tokens - 1)
   logits, cache = lm_decode(params, config, prompt_tokens, prompt_mask, default_positions(prompt_mask), cache)
   keys = jax.random.split(rng, max_new_tokens)
   choose = functools.partial(_choose, temperature=temperature, top_p=top_p, top_k=top_k, use_top_p=use_top_p)
