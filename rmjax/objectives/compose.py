@@ -38,7 +38,7 @@ def transform(name: str, **kwargs: Any) -> Transform:
   """
   e = entry(name)
   if e.kind not in FIELDS['reward']:
-    raise ValueError(f'transform: {name!r} is a {e.kind}, not a reward transform or aggregation.')
+    raise ValueError(f'transform: {name!r} is of kind {e.kind}, not a reward transform or aggregation.')
   piece = get(name, **kwargs)
   if isinstance(piece, Transform):
     return piece
@@ -115,6 +115,14 @@ def build(section: Any) -> Objective:
   cfg = _as_dict(section, 'the objective section')
   selected: dict[str, list[str]] = {f: _names(cfg.get(f), f) for f in FIELDS}
   chosen = {n for names in selected.values() for n in names}
+  for field, names in selected.items():
+    if field not in ('reward', 'loss') and len(names) > 1:
+      raise ValueError(f'build: {field} takes one name, got {", ".join(names)}.')
+    for n in names:
+      kind = entry(n).kind
+      if kind not in FIELDS[field]:
+        raise ValueError(f'build: {n!r} is of kind {kind} and cannot go in {field!r} '
+                         f'(which takes {" or ".join(FIELDS[field])}).')
   for key in cfg:
     if key in FIELDS or key in SETTINGS or key in chosen:
       continue
@@ -126,14 +134,6 @@ def build(section: Any) -> Objective:
                        'holding its options.') from None
     raise ValueError(f'build: options are given for {key!r}, which no field selects; add it to '
                      'a field or remove its options.')
-  for field, names in selected.items():
-    if field not in ('reward', 'loss') and len(names) > 1:
-      raise ValueError(f'build: {field} takes one name, got {", ".join(names)}.')
-    for n in names:
-      kind = entry(n).kind
-      if kind not in FIELDS[field]:
-        raise ValueError(f'build: {n!r} is a {kind} and cannot go in {field!r} '
-                         f'(which takes {" or ".join(FIELDS[field])}).')
 
   def options(n):
     return _as_dict(cfg[n], f'the options of {n!r}') if n in cfg else {}

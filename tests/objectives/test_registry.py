@@ -1,4 +1,5 @@
 """The registry: lookup by name, clear errors, and the `python -m rmjax.objectives` listing."""
+import re
 import subprocess
 import sys
 
@@ -6,6 +7,7 @@ import pytest
 
 import rmjax.objectives as obj
 from rmjax.objectives.__main__ import listing
+from tests.objectives.cases import own_entries
 
 
 def test_unknown_name_lists_known_ones():
@@ -50,5 +52,6 @@ def test_listing_has_every_name_with_its_summary():
 def test_module_main_prints_the_listing():
   out = subprocess.run([sys.executable, '-m', 'rmjax.objectives'], check=True, capture_output=True,
                        text=True, timeout=120).stdout
-  assert out.strip() == listing().strip()
-  assert 'wco' in out and 'alias of min' in out
+  for e in own_entries():
+    assert re.search(rf'^  {e.name} +{re.escape(e.summary)}$', out, re.M), e.name
+  assert re.search(r'^  wco +alias of min: ', out, re.M)

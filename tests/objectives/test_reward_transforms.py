@@ -174,7 +174,7 @@ def test_chain_and_transform_compose_in_order():
   assert isinstance(state, tuple) and len(state) == 3 and int(state[2].count) == 1
   with pytest.raises(ValueError, match=r'not a Transform.*rmjax.objectives.transform\(name'):
     obj.chain(obj.get('log_sigmoid'))
-  with pytest.raises(ValueError, match='is a rm_loss, not a reward transform'):
+  with pytest.raises(ValueError, match='is of kind rm_loss, not a reward transform'):
     obj.transform('bradley_terry')
 
 
