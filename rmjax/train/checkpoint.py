@@ -45,11 +45,17 @@ STATE_ITEM = 'state'
 METADATA_ITEM = 'metadata'
 _ITEM_NAMES = (STATE_ITEM, METADATA_ITEM)
 
+_MAX_ERROR_CHARS = 600  # tensorstore errors carry a long JSON spec; the head names the file and the fault
+
 _log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
   """No finalized checkpoint in a directory could be restored."""
+
+
+class TargetMismatchError(ValueError):
+  """A readable checkpoint does not match the `abstract_state` given to `restore`."""
 
 
 def _check_metadata(metadata: dict) -> None:
@@ -93,25 +99,29 @@ def _finalized_steps(directory: pathlib.Path) -> list[int]:
   return sorted(ocp.step.checkpoint_steps(directory))
 
 
-def _first_restorable(directory: pathlib.Path, steps: Sequence[int], restore_fn) -> tuple[Any, int]:
-  """Calls `restore_fn(step)` on `steps` from newest to oldest; returns (result, step) of the first success.
+def _first_restorable(directory: pathlib.Path, steps: Sequence[int], restore_fn) -> tuple[Any, int, list[int]]:
+  """Calls `restore_fn(step)` on `steps` from newest to oldest until one succeeds.
 
-  A step that fails is skipped with a warning naming the step and the error. Raises `CheckpointError`
-  listing every failure if none can be restored.
+  Returns `(result, step, failed_steps)`. A step that fails is skipped with a warning naming the
+  step and the error. Raises `CheckpointError` listing every failure if none can be restored.
   """
   failures = []
   for step in sorted(steps, reverse=True):
     try:
-      return restore_fn(step), step
+      return restore_fn(step), step, [s for s, _ in failures]
+    except TargetMismatchError:
+      raise
     except Exception as e:  # pylint: disable=broad-except  # any damage must fall through to an older step
-      message = (f'checkpoint step {step} in {directory} could not be restored '
-                 f'({type(e).__name__}: {e}); trying an older step.')
+      error = f'{type(e).__name__}: {e}'
+      if len(error) > _MAX_ERROR_CHARS:
+        error = error[:_MAX_ERROR_CHARS] + ' ...'
+      message = f'checkpoint step {step} in {directory} could not be restored ({error}); trying an older step.'
       _log.warning(message)
       warnings.warn(message, RuntimeWarning, stacklevel=3)
-      failures.append(f'  step {step}: {type(e).__name__}: {e}')
+      failures.append((step, error))
   raise CheckpointError(
-      f'none of the finalized checkpoints in {directory} (steps {sorted(steps)}) could be restored:\n'
-      + '\n'.join(failures))
+      f'no checkpoint in {directory} could be restored (tried steps {sorted(steps, reverse=True)}):\n'
+      + '\n'.join(f'  step {s}: {error}' for s, error in failures))
 
 
 class Checkpointer:
@@ -139,6 +149,7 @@ class Checkpointer:
         create=True,
     )
     self._manager = ocp.CheckpointManager(self._directory, item_names=_ITEM_NAMES, options=options)
+    self._unreadable: set[int] = set()  # finalized steps that `restore` could not read
 
   @property
   def directory(self) -> pathlib.Path:
@@ -147,11 +158,14 @@ class Checkpointer:
   def save(self, step: int, state: PyTree, metadata: dict, *, force: bool = False) -> bool:
     """Starts saving `state` and `metadata` as step `step`; returns whether a save was started.
 
-    Steps must increase. A `step` that is not newer than the latest checkpoint is skipped (returns
-    False) unless `force=True`, which replaces an existing checkpoint of the same step (it is
-    deleted first, so a kill during that save leaves only the older steps). Raises ValueError for
-    a negative step, a forced step older than the latest one, a zero-size array leaf, or metadata
-    that JSON cannot write.
+    A step newer than every finalized step is always saved. Otherwise the finalized steps >= `step`
+    stand in the way: if `restore` found all of them unreadable they are deleted and the save goes
+    ahead (a run resumed from an older step after a damaged newest one); if any of them is readable
+    the call returns False and writes nothing, unless `force=True`, which deletes them first (a
+    deliberate rollback or overwrite; a kill during that save leaves only the older steps).
+
+    Raises:
+      ValueError: a negative step, a zero-size array leaf, or metadata that JSON cannot write.
     """
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
       raise ValueError(f'step must be a non-negative int, got {step!r}.')
@@ -159,15 +173,14 @@ class Checkpointer:
     _check_state(state)
     _check_metadata(metadata)
     self._manager.wait_until_finished()
-    latest = self.latest_step()
-    if latest is not None and step <= latest:
-      if not force:
+    in_the_way = [s for s in self.all_steps() if s >= step]
+    if in_the_way:
+      if not force and not set(in_the_way) <= self._unreadable:
         return False
-      if step not in self.all_steps():
-        raise ValueError(
-            f'cannot save step {step}: it is older than the latest checkpoint (step {latest}) in '
-            f'{self._directory}; steps must increase.')
-      self._manager.delete(step)
+      self._manager.reload()
+      for s in in_the_way:
+        self._manager.delete(s)
+      self._unreadable.difference_update(in_the_way)
     args = ocp.args.Composite(**{
         STATE_ITEM: ocp.args.StandardSave(state),
         METADATA_ITEM: ocp.args.JsonSave(metadata),
@@ -194,9 +207,14 @@ class Checkpointer:
         step whose files are damaged is skipped with a warning naming the step and the error, and
         the next older one is tried.
 
+    A readable step that does not match `abstract_state` (structure or shapes; a differing dtype is
+    a cast) raises `TargetMismatchError` at once, with no fallback: only steps whose files cannot
+    be read even without a target count as damaged.
+
     Raises:
       ValueError: `step` is given but is not a finalized step.
-      CheckpointError: no finalized step could be restored (each step's error is listed).
+      TargetMismatchError: the newest readable step does not match `abstract_state`.
+      CheckpointError: no finalized step could be read (each step's error is listed).
     """
     steps = self.all_steps()
     if not steps:
@@ -210,13 +228,24 @@ class Checkpointer:
     target = jax.tree.map(lambda leaf: _abstract_leaf(leaf, default_sharding), abstract_state)
 
     def restore_step(s: int) -> tuple[PyTree, dict]:
-      restored = self._manager.restore(s, args=ocp.args.Composite(**{
-          STATE_ITEM: ocp.args.StandardRestore(target),
-          METADATA_ITEM: ocp.args.JsonRestore(),
-      }))
+      try:
+        restored = self._manager.restore(s, args=ocp.args.Composite(**{
+            STATE_ITEM: ocp.args.StandardRestore(target),
+            METADATA_ITEM: ocp.args.JsonRestore(),
+        }))
+      except Exception as e:  # pylint: disable=broad-except
+        _load_step(self._directory / str(s))  # raises too if the files are damaged: then fall back
+        raise TargetMismatchError(
+            f'checkpoint step {s} in {self._directory} is readable but does not match abstract_state '
+            f'(another model, optimizer or state layout?): {type(e).__name__}: {e}') from e
       return restored[STATE_ITEM], restored[METADATA_ITEM]
 
-    (state, metadata), restored_step = _first_restorable(self._directory, steps, restore_step)
+    try:
+      (state, metadata), restored_step, failed = _first_restorable(self._directory, steps, restore_step)
+    except CheckpointError:
+      self._unreadable.update(steps)
+      raise
+    self._unreadable.update(failed)
     return state, metadata, restored_step
 
   def wait(self) -> None:
@@ -264,7 +293,7 @@ def load(path: str | os.PathLike) -> tuple[PyTree, dict]:
     raise ValueError(
         f'{path} is neither a checkpoint step folder (with {STATE_ITEM}/ and {METADATA_ITEM}/ '
         'inside) nor a folder holding finalized step folders.')
-  result, _ = _first_restorable(path, steps, lambda s: _load_step(path / str(s)))
+  result, _, _ = _first_restorable(path, steps, lambda s: _load_step(path / str(s)))
   return result
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import typing
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,9 @@ import pytest
 from rmjax.train import checkpoint as ckpt_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
+
+# A failed tensorstore read leaves a callback for orbax's closed event loop; Python reports it as unraisable.
+pytestmark = pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 
 
 class _OptState(typing.NamedTuple):
@@ -111,43 +115,61 @@ def test_keep_n_and_step_order(tmp_path):
   assert ckpt.all_steps() == [3, 4]
   assert ckpt.latest_step() == 4
   assert sorted(p.name for p in tmp_path.iterdir()) == ['3', '4']
-  # Not newer than the latest: skipped unless forced; forcing the same step replaces it.
+  # Not newer than the latest readable step: skipped unless forced; forcing replaces the steps >= it.
   assert not ckpt.save(4, _state(40), _metadata(40))
   assert not ckpt.save(2, _state(2), _metadata(2))
+  assert ckpt.all_steps() == [3, 4]
   assert ckpt.save(4, _state(40), _metadata(40), force=True)
-  with pytest.raises(ValueError, match='older than the latest'):
-    ckpt.save(1, _state(1), _metadata(1), force=True)
-  ckpt.close()
+  ckpt.wait()
   _, metadata, step = ckpt_lib.Checkpointer(tmp_path).restore(_abstract(_state(0)))
   assert (step, metadata['seed']) == (4, 40)
+  assert ckpt.save(2, _state(2), _metadata(2), force=True)  # a rollback: 3 and 4 are deleted
+  ckpt.close()
+  assert ckpt.all_steps() == [2]
 
 
-# A failed tensorstore read leaves a callback for orbax's closed event loop; Python reports it as unraisable.
-@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 @pytest.mark.parametrize('how', ['truncate', 'delete', 'metadata'])
 def test_damaged_latest_falls_back_then_raises(tmp_path, how):
   with ckpt_lib.Checkpointer(tmp_path, async_save=False) as ckpt:
-    ckpt.save(1, _state(1), _metadata(1))
-    ckpt.save(2, _state(2), _metadata(2))
+    ckpt.save(10, _state(1), _metadata(1))
+    ckpt.save(20, _state(2), _metadata(2))
   if how == 'metadata':
-    meta_file = tmp_path / '2' / 'metadata' / 'metadata'
+    meta_file = tmp_path / '20' / 'metadata' / 'metadata'
     meta_file.write_text(meta_file.read_text()[:10])
   else:
-    _damage_state_files(tmp_path / '2', how)
+    _damage_state_files(tmp_path / '20', how)
 
   ckpt = ckpt_lib.Checkpointer(tmp_path)
-  assert ckpt.latest_step() == 2  # finalized, but damaged
-  with pytest.warns(RuntimeWarning, match=r'checkpoint step 2 .* could not be restored'):
+  assert ckpt.latest_step() == 20  # finalized, but damaged
+  with pytest.warns(RuntimeWarning, match=r'checkpoint step 20 .* could not be restored'):
     state, metadata, step = ckpt.restore(_abstract(_state(0)))
-  assert step == 1 and metadata == _metadata(1)
+  assert step == 10 and metadata == _metadata(1)
   _assert_bitwise_equal(state, _state(1))
-  with pytest.warns(RuntimeWarning, match='checkpoint step 2'):
+  with pytest.warns(RuntimeWarning, match='checkpoint step 20'):
     _, loaded_metadata = ckpt_lib.load(tmp_path)
   assert loaded_metadata == _metadata(1)
+  with pytest.raises(ckpt_lib.CheckpointError, match=r'tried steps \[20\]'), pytest.warns(RuntimeWarning):
+    ckpt.restore(_abstract(_state(0)), step=20)
 
-  _damage_state_files(tmp_path / '1', 'delete')
-  with pytest.warns(RuntimeWarning), pytest.raises(ckpt_lib.CheckpointError, match=r'step 2:.*\n.*step 1:'):
+  _damage_state_files(tmp_path / '10', 'delete')
+  with pytest.warns(RuntimeWarning), pytest.raises(ckpt_lib.CheckpointError, match=r'step 20:.*\n.*step 10:'):
     ckpt.restore(_abstract(_state(0)))
+
+
+def test_resumed_run_replaces_the_damaged_newer_step(tmp_path):
+  with ckpt_lib.Checkpointer(tmp_path, async_save=False) as ckpt:
+    for step in (10, 20, 30):
+      ckpt.save(step, _state(step), _metadata(step))
+  _damage_state_files(tmp_path / '30', 'delete')
+  ckpt = ckpt_lib.Checkpointer(tmp_path)
+  with pytest.warns(RuntimeWarning, match='checkpoint step 30'):
+    assert ckpt.restore(_abstract(_state(0)))[2] == 20
+  assert not ckpt.save(15, _state(15), _metadata(15))  # step 20 is readable and newer: skipped
+  assert ckpt.save(25, _state(25), _metadata(25))  # only the unreadable step 30 is in the way
+  ckpt.close()
+  assert ckpt.all_steps() == [10, 20, 25]
+  _, metadata, step = ckpt_lib.Checkpointer(tmp_path).restore(_abstract(_state(0)))
+  assert (step, metadata['seed']) == (25, 25)
 
 
 def test_load_needs_no_target(tmp_path):
@@ -193,7 +215,7 @@ _KILL_CHILD = textwrap.dedent('''
     ckpt = ckpt_lib.Checkpointer(root, async_save=True)
     ckpt.save(1, {'w': jnp.full((8,), 1.0)}, {'step': 1})
     ckpt.wait()
-    big = {'w': jnp.ones((8,)), 'big': jnp.arange(48 * 2**20, dtype=jnp.float32)}  # 192 MiB
+    big = {'w': jnp.ones((8,)), 'big': jnp.arange(24 * 2**20, dtype=jnp.float32)}  # 96 MiB
     assert ckpt.save(2, big, {'step': 2})
     # orbax creates the temporary folder in the background too: kill -9 once it exists.
     deadline = time.time() + 30
@@ -248,6 +270,22 @@ def test_restore_onto_a_mesh_of_eight_devices(tmp_path):
   proc = subprocess.run([sys.executable, '-c', _SHARDED_CHILD, str(tmp_path)], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=120, check=False)
   assert proc.returncode == 0 and 'OK' in proc.stdout, proc.stderr[-3000:]
+
+
+def test_target_mismatch_raises_without_fallback(tmp_path):
+  with ckpt_lib.Checkpointer(tmp_path, async_save=False) as ckpt:
+    ckpt.save(1, _state(1), _metadata(1))
+    ckpt.save(2, _state(2), _metadata(2))
+  ckpt = ckpt_lib.Checkpointer(tmp_path)
+  wrong_shape = dict(_abstract(_state(0)), step=jax.ShapeDtypeStruct((2,), jnp.int32))
+  missing_leaf = {k: v for k, v in _abstract(_state(0)).items() if k != 'rng'}
+  for target in (wrong_shape, missing_leaf):
+    with warnings.catch_warnings():
+      warnings.simplefilter('error')  # no fallback warning either
+      with pytest.raises(ckpt_lib.TargetMismatchError, match='step 2 .* does not match abstract_state'):
+        ckpt.restore(target)
+  assert not ckpt.save(1, _state(1), _metadata(1))  # the steps are not taken for damaged ones
+  assert ckpt.all_steps() == [1, 2]
 
 
 def test_bad_inputs_name_the_fix(tmp_path):
