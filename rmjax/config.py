@@ -6,7 +6,6 @@ Every number and name in them can be overridden from the command line
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import pathlib
@@ -81,12 +80,6 @@ def require_range(config, path: str, low: float, high: float) -> None:
 
 def to_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps(config.to_dict(), sort_keys=True, default=str)
-
-
-def config_hash(config: ml_collections.ConfigDict, *, exclude: Sequence[str] = ()) -> str:
-  """A short stable hash of the config, without the top-level keys in `exclude`."""
-  d = {k: v for k, v in config.to_dict().items() if k not in exclude}
-  return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 # Sections shared by the files in configs/.

@@ -6,10 +6,10 @@ Parses flags, validates the config before anything compiles, and calls the job n
 from __future__ import annotations
 
 import importlib
-import logging
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from rmjax import config as config_lib
@@ -36,7 +36,7 @@ def resolve_job(job: str):
 
 def main(argv):
   del argv
-  logging.getLogger().setLevel(logging.INFO)
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and TFDS log every file at INFO
   config = _CONFIG.value
   job = resolve_job(config.job)
   job(config, _WORKDIR.value)

@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import optax
 
 from rmjax import objectives
-from rmjax.models import transformer
+from rmjax.models import partitioning, transformer
 from rmjax.models.config import ModelConfig
+from rmjax.train import checkpoint, loop, optim
 from rmjax.train import state as state_lib
 
 
@@ -51,3 +52,30 @@ def make_eval_fn(config: ModelConfig):
     nll, target_mask = token_nll(params, config, batch)
     return (nll * target_mask).sum(), target_mask.sum()
   return jax.jit(ev)
+
+
+def train(section, workdir, *, model_config: ModelConfig, batches, mesh, tokenizer, run_config,
+          init_params=None) -> tuple[dict, dict]:
+  """Train a causal LM with `section.optim` / `section.train`; returns (params, checkpoint metadata).
+
+  Resumes from `workdir/checkpoints` when there; else starts from `init_params` if given,
+  else from a fresh init with the run seed.
+  """
+  optimizer = optim.make_optimizer(section.optim, int(section.train.steps))
+
+  def init(rng):
+    params = init_params if init_params is not None else transformer.init_lm(rng, model_config)
+    return state_lib.create(params, optimizer, rng)
+
+  rng = jax.random.key(int(run_config.seed))
+  abstract = jax.eval_shape(init, rng)
+  shardings = state_lib.shardings(abstract, partitioning.logical_axes(abstract.params), optimizer, mesh)
+  abstract = state_lib.with_shardings(abstract, shardings)
+  step = make_train_step(model_config, optimizer, state_shardings=shardings)
+  meta = loop.describe(run_config, kind='causal_lm', model=model_config.to_dict(),
+                             tokenizer=tokenizer.to_dict())
+  state, final_meta = loop.run(
+      workdir=workdir, loop=loop.LoopConfig.from_config(section.train, desc='policy'), train_step=step,
+      init_state=lambda: jax.jit(init, out_shardings=shardings)(rng), abstract_state=abstract,
+      batches=batches, mesh=mesh, metadata=lambda _: meta)
+  return state.params, final_meta

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import pathlib
@@ -24,7 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from rmjax import config as config_lib
 from rmjax import parallel
+from rmjax.train import checkpoint
 from rmjax.train.checkpoint import Checkpointer
 from rmjax.train.metrics import MetricsWriter
 
@@ -87,6 +90,14 @@ def _preemption_signals():
       signal.signal(sig, h)
 
 
+def describe(run_config, **fields: Any) -> dict[str, Any]:
+  """Checkpoint metadata of a run: `fields` (model, tokenizer, kind, ...) plus the run's config,
+  its hash and the code version, so that a checkpoint loads with no other file."""
+  config_json = config_lib.to_json(run_config)
+  return dict(fields, config=json.loads(config_json), config_hash=checkpoint.config_hash(config_json),
+              code=checkpoint.code_version())
+
+
 def _is_due(step: int, every: int, last: int) -> bool:
   return step == last or (every > 0 and step % every == 0)
 
@@ -111,7 +122,7 @@ def run(*, workdir: str | pathlib.Path, loop: LoopConfig, train_step: Callable, 
   if restored is not None:
     state, meta, start = restored
     log.info('resumed from %s at step %d', workdir / 'checkpoints', start)
-    if start >= loop.steps and meta.get('final'):
+    if start >= loop.steps:
       ckpt.close()
       return state, meta
   else:

@@ -6,21 +6,27 @@ dataset). Chosen and rejected rows go through the model as one `[2B, T]` batch, 
 scores `[K, 2B]`. The loss of member k is the weighted mean over the *global* batch of the
 configured reward-model loss (`rmjax.objectives`, e.g. Bradley–Terry
 −log σ(r_c − r_r − m)), and the step minimizes Σ_k loss_k, so each full-ensemble member gets
-exactly the gradient of its own loss. With `bootstrap=True` member k weights example i by
+exactly the gradient of its own loss; the optimizer runs per member (`per_member`), so
+joint training equals K separate runs. With `bootstrap=True` member k weights example i by
 w_ki ~ Poisson(1) drawn from (run key, k, i): an online bootstrap resample that does not
 depend on how the data is batched (Oza & Russell, "Online bagging and boosting").
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rmjax import config as config_lib
 from rmjax import objectives, parallel
-from rmjax.models.reward_model import RewardModel
+from rmjax.models import partitioning  # noqa
+from rmjax.models.config import ModelConfig
+from rmjax.models.reward_model import KINDS, RewardModel
+from rmjax.train import checkpoint, loop, optim
 from rmjax.train import state as state_lib
 
 _BOOTSTRAP_TAG = 0x0B00
@@ -58,9 +64,9 @@ def make_train_step(rm: RewardModel, optimizer: optax.GradientTransformation, lo
     weight = jnp.broadcast_to(batch['weight'][None, :], per_example.shape)
     if bootstrap:
       weight = weight * bootstrap_weights(key, batch['index'], k)
-    # One normaliser for the whole global batch: the number of real pairs.
-    loss_k = objectives.reduce(per_example, weight, 'constant', constant=jnp.maximum(batch['weight'].sum(), 1.0),
-                               axis=1)
+    # One normaliser for the whole global batch: the number of real pairs (PITFALLS #4).
+    n = objectives.batch_normalizer(batch['weight'], 'token_mean')
+    loss_k = jax.vmap(lambda v, w: objectives.reduce(v, w, 'token_mean', normalizer=n))(per_example, weight)
     return loss_k.sum(), (loss_k, rc, rr)
 
   def step(state: state_lib.TrainState, batch):
@@ -134,3 +140,93 @@ def pair_metrics(scores: Mapping[str, np.ndarray], loss_fn, *, aggregate: str = 
       if gold:
         m[f'{prefix}gold_accuracy_{i}'] = float(np.mean(np.sign(rc[i] - rr[i]) == sign))
   return m
+
+
+class PerMember(NamedTuple):
+  """An optimizer applied to each member of a stacked (full) ensemble on its own.
+
+  `init` and `update` are `inner`'s, vmapped over the leading K axis, so gradient clipping,
+  moments and step counts are per member: joint training of K members equals K separate
+  runs. The state has `inner`'s tree structure (with a leading K on every leaf).
+  """
+  init: Callable
+  update: Callable
+  inner: optax.GradientTransformation
+
+
+def per_member(optimizer: optax.GradientTransformation) -> PerMember:
+  return PerMember(init=jax.vmap(optimizer.init), update=jax.vmap(optimizer.update), inner=optimizer)
+
+
+def with_backbone(rm: RewardModel, params, backbone):
+  """Replace the backbone of every member by `backbone` (e.g. a pretrained LM's `params['backbone']`)."""
+  if rm.kind == 'full':
+    backbone = jax.tree.map(lambda x: jnp.broadcast_to(x, (rm.num_members,) + x.shape), backbone)
+  return {**params, 'backbone': backbone}
+
+
+def validate(config) -> None:
+  """Check the RM sections (`model`, `ensemble`, `loss`, `optim`, `train`, `eval`) before compiling."""
+  C = config_lib
+  C.require_choice(config, 'ensemble.kind', KINDS)
+  C.require_positive(config, 'ensemble.members', 'train.steps', 'train.batch_size', 'eval.batch_size')
+  C.require_choice(config, 'loss.name', [e.name for e in objectives.entries('rm_loss')])
+  C.require_choice(config, 'eval.aggregate', [e.name for e in objectives.entries('aggregation')])
+  try:
+    make_loss(config.loss)
+    objectives.get(config.eval.aggregate)
+  except ValueError as e:
+    raise config_lib.ConfigError(f'config.loss / config.eval.aggregate: {e}') from e
+
+
+def make_loss(loss_config):
+  """`config.loss` -> per-example loss callable: the named piece with the section's other fields."""
+  kwargs = {k: v for k, v in loss_config.items() if k != 'name'}
+  return objectives.get(loss_config.name, **kwargs)
+
+
+def train(config, workdir, *, model_config: ModelConfig, train_batches, eval_batches, reference_batches, mesh,
+          tokenizer, init_backbone=None) -> tuple[dict, dict]:
+  """Train the ensemble; returns (params, final checkpoint metadata incl. normalization and eval).
+
+  reference_batches: pair batches whose responses (chosen and rejected rows) give each member's
+  normalization statistics (mean, std of its raw scores), saved with the final checkpoint.
+  init_backbone: optional backbone params (e.g. a pretrained policy's) for every member.
+  """
+  validate(config)
+  rm = RewardModel(model_config, num_members=int(config.ensemble.members), kind=config.ensemble.kind)
+  loss_fn = make_loss(config.loss)
+  optimizer = optim.make_optimizer(config.optim, int(config.train.steps))
+  if rm.kind == 'full':
+    optimizer = per_member(optimizer)
+
+  def init(rng):
+    params = rm.init(rng)
+    if init_backbone is not None:
+      params = with_backbone(rm, params, init_backbone)
+    return state_lib.create(params, optimizer, rng)
+
+  rng = jax.random.key(int(config.seed))
+  abstract = jax.eval_shape(init, rng)
+  shardings = state_lib.shardings(abstract, partitioning.logical_axes(abstract.params), optimizer, mesh)
+  step = make_train_step(rm, optimizer, loss_fn, bootstrap=bool(config.ensemble.bootstrap),
+                         state_shardings=shardings)
+  score_fn = make_score_fn(rm)
+
+  def evaluate(state, stats=None):
+    scores = collect_scores(score_fn, state.params, eval_batches, mesh)
+    return pair_metrics(scores, loss_fn, aggregate=config.eval.aggregate, stats=stats)
+
+  def finalize(state):
+    ref = collect_scores(score_fn, state.params, reference_batches, mesh)
+    stats = normalization_stats(np.concatenate([ref['r_chosen'], ref['r_rejected']], axis=1))
+    return {'normalization': {'mean': stats.mean.tolist(), 'std': stats.std.tolist()},
+            'eval': evaluate(state, stats)}
+
+  meta = loop.describe(config, kind='reward_model', model=rm.to_dict(), tokenizer=tokenizer.to_dict())
+  state, final_meta = loop.run(
+      workdir=workdir, loop=loop.LoopConfig.from_config(config.train, desc='reward model'), train_step=step,
+      init_state=lambda: jax.jit(init, out_shardings=shardings)(rng),
+      abstract_state=state_lib.with_shardings(abstract, shardings), batches=train_batches, mesh=mesh,
+      metadata=lambda _: meta, evaluate=evaluate, finalize=finalize)
+  return state.params, final_meta

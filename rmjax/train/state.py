@@ -39,21 +39,16 @@ def shardings(abstract_state: TrainState, param_axes, optimizer: optax.GradientT
               mesh: Mesh) -> TrainState:
   """NamedShardings for a state: params (and their optimizer moments) by logical axes, the rest replicated."""
   param_shardings = parallel.tree_shardings(abstract_state.params, param_axes, mesh)
+  # A per-member optimizer's state has its inner optimizer's structure (see rm_trainer.PerMember).
+  template = getattr(optimizer, 'inner', optimizer)
   opt_shardings = optax.tree_utils.tree_map_params(
-      optimizer, lambda _, s: s, abstract_state.opt_state, param_shardings,
+      template, lambda _, s: s, abstract_state.opt_state, param_shardings,
       transform_non_params=lambda _: parallel.replicated(mesh))
   rep = parallel.replicated(mesh)
   return TrainState(step=rep, params=param_shardings, opt_state=opt_shardings, rng=rep)
 
 
-def init_sharded(init_fn, param_axes_fn, optimizer, mesh: Mesh, rng: jax.Array):
-  """Build a state directly in its shardings: `init_fn(rng) -> TrainState` jitted with out_shardings.
-
-  Returns `(state, state_shardings, abstract_state)`; `param_axes_fn(params) -> logical axes`.
-  """
-  abstract = jax.eval_shape(init_fn, rng)
-  state_shardings = shardings(abstract, param_axes_fn(abstract.params), optimizer, mesh)
-  state = jax.jit(init_fn, out_shardings=state_shardings)(rng)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-                          state_shardings)
-  return state, state_shardings, abstract
+def with_shardings(abstract_state, state_shardings):
+  """ShapeDtypeStructs carrying the shardings, as a restore target."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
+                      state_shardings)

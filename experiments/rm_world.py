@@ -1,0 +1,231 @@
+"""The reward-model job on a self-built synthetic world (`configs/rm.py`).
+
+Stages, each stored under the workdir and skipped (or resumed) when already there:
+
+1. `policy/`: a base policy (causal LM) pretrained by next-token prediction on documents
+   (prompt + continuation) of the built-in synthetic language (`rmjax.data.Grammar`).
+2. `gold/`: the gold reward model standing in for human preferences (as in Gao et al.,
+   "Scaling Laws for Reward Model Overoptimization"): a transformer reward model larger than
+   the proxies, with random weights drawn from the run seed, its scores normalized to mean 0
+   and std 1 over base-policy samples. Its score of a text is the last-token read-out of that
+   network: a fixed, smooth but non-linear function of the whole prompt + response, which the
+   proxies can only learn approximately from a few thousand labeled pairs.
+3. `data/`: preference pairs — two responses per prompt sampled from the base policy, labeled
+   by the gold's ordering (with an optional share of flipped labels) or by Bradley–Terry
+   sampling from the gold — written as a TFDS dataset (array_record).
+4. `rm/`: the reward-model ensemble (K members, full or multi-head) trained on the pairs,
+   normalized (each member's mean/std over held-out policy responses saved with it) and
+   evaluated against the gold's noiseless ordering. Writes `rm/eval.json`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+import tqdm
+
+from rmjax import config as config_lib
+from rmjax import objectives, parallel
+from rmjax.data import builders, pipeline
+from rmjax.data.synthetic_language import Grammar
+from rmjax.data.tokenizer import ByteTokenizer, Tokenizer
+from rmjax.models import sampling
+from rmjax.models.reward_model import RewardModel
+from rmjax.train import checkpoint, lm_trainer, loop, rm_trainer
+
+log = logging.getLogger(__name__)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raise a `ConfigError` naming the bad field before anything compiles."""
+  C = config_lib
+  C.require_positive(config, 'world.num_prompts', 'world.num_documents', 'world.policy.seq_len',
+                     'data.num_train', 'data.num_eval', 'data.max_new_tokens', 'data.seq_len',
+                     'data.sample_batch')
+  C.require_choice(config, 'data.label', ('gold_order', 'bradley_terry'))
+  C.require_range(config, 'data.flip_prob', 0.0, 0.5)
+  C.require_positive(config, 'data.temperature', allow_zero=True)
+  C.require_positive(config, 'world.policy.train.steps', 'world.policy.train.batch_size')
+  rm_trainer.validate(config)
+  if config.data.label == 'bradley_terry' and config.data.flip_prob > 0:
+    raise config_lib.ConfigError('config.data.flip_prob > 0 with data.label=bradley_terry stacks label '
+                                 'noise on Bradley-Terry sampling; set one of them.')
+  if config.data.seq_len <= config.data.max_new_tokens:
+    raise config_lib.ConfigError(f'config.data.seq_len={config.data.seq_len} must exceed '
+                                 f'data.max_new_tokens={config.data.max_new_tokens} (prompt + response).')
+  parallel.mesh_from_config(config.mesh)
+
+
+def world(config):
+  """The grammar, its fixed prompts (prompt id = index) and the tokenizer."""
+  grammar = Grammar.random(config.seed)
+  return grammar, grammar.prompts(config.world.num_prompts, seed=config.seed), ByteTokenizer()
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  validate(config)
+  tfds.disable_progress_bar()
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  mesh = parallel.mesh_from_config(config.mesh)
+  grammar, prompts, tok = world(config)
+  policy_params, policy_cfg = train_policy(config, workdir / 'policy', grammar, tok, mesh)
+  gold = make_gold(config, workdir / 'gold', policy_params, policy_cfg, prompts, tok)
+  data = make_pairs(config, workdir / 'data', policy_params, policy_cfg, gold, prompts, tok)
+  result = train_reward_models(config, workdir / 'rm', data, tok, mesh)
+  (workdir / 'rm' / 'eval.json').write_text(json.dumps(result, indent=2, sort_keys=True))
+  print(json.dumps({k: round(v, 4) for k, v in result.items()}, indent=2, sort_keys=True))
+  return result
+
+
+def _process_share() -> dict:
+  return dict(process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def train_policy(config, workdir: pathlib.Path, grammar: Grammar, tok: Tokenizer, mesh):
+  """Stage 1: pretrain the base policy on grammar documents. Returns (params, model config)."""
+  pc = config.world.policy
+  model_cfg = config_lib.model_config(pc.model, vocab_size=tok.vocab_size)
+  n, seed = int(config.world.num_documents), int(config.seed)
+  corpus = builders.TextCorpus(data_dir=str(workdir / 'tfds'), key=f'grammar{seed}_n{n}',
+                               documents=lambda split: grammar.documents(n, seed=seed), split_sizes={'train': n})
+  corpus.download_and_prepare()
+  batches = pipeline.SequenceBatches(corpus.as_data_source('train'), tok, seq_len=int(pc.seq_len),
+                                     global_batch_size=int(pc.train.batch_size), seed=seed, **_process_share())
+  params, _ = lm_trainer.train(pc, workdir, model_config=model_cfg, batches=batches, mesh=mesh, tokenizer=tok,
+                               run_config=config)
+  return params, model_cfg
+
+
+def _left_pad(rows: list[list[int]], width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  tokens = np.full((len(rows), width), pad_id, np.int32)
+  mask = np.zeros((len(rows), width), bool)
+  for i, r in enumerate(rows):
+    tokens[i, width - len(r):], mask[i, width - len(r):] = r, True
+  return tokens, mask
+
+
+def sample_candidates(config, policy_params, policy_cfg, prompts: list[str], tok: Tokenizer, num: int, split_seed: int):
+  """`num` examples of (prompt_id, prompt, response_a, response_b): two policy samples per prompt.
+
+  Prompt ids are drawn uniformly from the fixed prompt set; the sampler runs in batches of
+  `data.sample_batch` rows (both responses of an example in one batch), with a progress bar.
+  """
+  d = config.data
+  rng = np.random.default_rng([int(config.seed), split_seed])
+  ids = rng.integers(0, len(prompts), size=num)
+  encoded = [tok.encode(p) for p in prompts]
+  width = max(len(e) for e in encoded)
+  per_batch = max(1, int(d.sample_batch) // 2)
+  sample = jax.jit(lambda params, t, m, key: sampling.sample(
+      params, policy_cfg, t, m, key, max_new_tokens=int(d.max_new_tokens), temperature=float(d.temperature),
+      eos_id=tok.eos_id, pad_id=tok.pad_id))
+  key = jax.random.fold_in(jax.random.key(int(config.seed)), split_seed)
+  out = []
+  for start in tqdm.trange(0, num, per_batch, desc=f'sampling pairs ({num})', leave=False):
+    chunk = ids[start:start + per_batch]
+    rows = [encoded[i] for i in chunk for _ in (0, 1)]
+    pad = per_batch * 2 - len(rows)  # fixed shapes: pad the last batch with copies
+    tokens, mask = _left_pad(rows + rows[:1] * pad, width, tok.pad_id)
+    res = jax.device_get(sample(policy_params, tokens, mask, jax.random.fold_in(key, start)))
+    texts = [tok.decode(res.tokens[j][res.mask[j]]) for j in range(len(rows))]
+    out += [(int(i), prompts[i], texts[2 * j], texts[2 * j + 1]) for j, i in enumerate(chunk)]
+  return out
+
+
+def gold_scores(config, gold: RewardModel, gold_params, tok: Tokenizer, pairs: list[tuple[str, str]]) -> np.ndarray:
+  """Raw gold scores `[N]` of (prompt, response) texts, tokenized as the pair batches tokenize them."""
+  seq_len, bs = int(config.data.seq_len), int(config.data.sample_batch)
+  score = jax.jit(lambda p, t, m: gold.apply(p, t, m)[0])
+  out = []
+  for start in range(0, len(pairs), bs):
+    rows = [pipeline.encode_prompt_response(tok, p, r, seq_len)[:2] for p, r in pairs[start:start + bs]]
+    n = len(rows)
+    rows += rows[:1] * (bs - n)  # fixed shapes: pad the last batch with copies
+    tokens, mask = np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+    out.append(np.asarray(score(gold_params, tokens, mask))[:n])
+  return np.concatenate(out)
+
+
+def make_gold(config, workdir: pathlib.Path, policy_params, policy_cfg, prompts, tok: Tokenizer):
+  """Stage 2: the gold reward model (random weights from the seed; see the module docstring).
+
+  Its normalization (mean, std of raw scores over 256 base-policy responses) is saved with it,
+  and `gold_scores` returns normalized scores, so a Bradley-Terry temperature has a fixed
+  meaning. Saved as a self-describing checkpoint in `workdir`, for later stages and studies.
+  Returns (model, params, normalization).
+  """
+  gold_cfg = config_lib.model_config(config.world.gold, vocab_size=tok.vocab_size)
+  gold = RewardModel(gold_cfg, num_members=1, kind='full')
+  ckpt = checkpoint.Checkpointer(workdir, max_to_keep=1, async_save=False)
+  try:
+    if ckpt.latest_step() is None:
+      params = gold.init(jax.random.fold_in(jax.random.key(int(config.seed)), 0x601D))
+      ref = sample_candidates(config, policy_params, policy_cfg, prompts, tok, 128, split_seed=3)
+      raw = gold_scores(config, gold, params, tok, [(p, r) for _, p, a, b in ref for r in (a, b)])
+      norm = objectives.RewardStats(mean=np.array([raw.mean()]), std=np.array([max(raw.std(), 1e-6)]))
+      meta = loop.describe(config, kind='reward_model', model=gold.to_dict(), tokenizer=tok.to_dict(),
+                                 role='gold', normalization={'mean': norm.mean.tolist(), 'std': norm.std.tolist()})
+      ckpt.save(0, {'params': params}, meta, force=True)
+      ckpt.wait()
+    state, meta = checkpoint.load(workdir)
+  finally:
+    ckpt.close()
+  norm = objectives.RewardStats(mean=np.asarray(meta['normalization']['mean']),
+                                std=np.asarray(meta['normalization']['std']))
+  return gold, jax.tree.map(jnp.asarray, state['params']), norm
+
+
+def make_pairs(config, workdir: pathlib.Path, policy_params, policy_cfg, gold, prompts, tok):
+  """Stage 3: preference pairs as a TFDS dataset; returns the prepared builder.
+
+  The dataset's key hashes what produced it (seed, world, data settings), so a change there
+  writes a new dataset beside the old one instead of reusing stale pairs.
+  """
+  d = config.data
+  key = builders.data_key({'seed': config.seed, 'world': config.world.to_dict(), 'data': d.to_dict()})
+
+  def candidates(split):
+    num, split_seed = (int(d.num_train), 1) if split == 'train' else (int(d.num_eval), 2)
+    rows = sample_candidates(config, policy_params, policy_cfg, prompts, tok, num, split_seed)
+    model, params, norm = gold
+    raw = gold_scores(config, model, params, tok, [(p, r) for _, p, a, b in rows for r in (a, b)])
+    scores = (raw - norm.mean[0]) / norm.std[0]
+    for (pid, prompt, a, b), ga, gb in zip(rows, scores[0::2], scores[1::2]):
+      yield pid, prompt, a, b, float(ga), float(gb)
+
+  builder = builders.SyntheticPreferences(
+      data_dir=str(workdir), key=f'pairs_{key}', candidates=candidates, label=d.label, flip_prob=float(d.flip_prob),
+      bt_temperature=float(d.bt_temperature), seed=int(config.seed),
+      split_sizes={'train': int(d.num_train), 'eval': int(d.num_eval)})
+  builder.download_and_prepare()
+  return builder
+
+
+def train_reward_models(config, workdir: pathlib.Path, data, tok: Tokenizer, mesh) -> dict:
+  """Stage 4: the ensemble on the train split; eval metrics with normalized members."""
+  model_cfg = config_lib.model_config(config.model, vocab_size=tok.vocab_size)
+  seq_len, seed = int(config.data.seq_len), int(config.seed)
+  train_batches = pipeline.PairBatches(data.as_data_source('train'), tok, seq_len=seq_len,
+                                       global_batch_size=int(config.train.batch_size), seed=seed,
+                                       **_process_share())
+  eval_src = data.as_data_source('eval')
+
+  def eval_batches():
+    return pipeline.PairBatches(eval_src, tok, seq_len=seq_len, global_batch_size=int(config.eval.batch_size),
+                                seed=seed, shuffle=False, drop_remainder=False, **_process_share())
+
+  class _Epoch:  # iterates one eval epoch each time it is iterated
+    def __iter__(self):
+      b = eval_batches()
+      return (b[i] for i in range(len(b)))
+
+  _, meta = rm_trainer.train(config, workdir, model_config=model_cfg, train_batches=train_batches,
+                             eval_batches=_Epoch(), reference_batches=_Epoch(), mesh=mesh, tokenizer=tok)
+  return meta['eval']
