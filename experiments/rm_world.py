@@ -37,7 +37,9 @@ from rmjax.data.synthetic_language import Grammar
 from rmjax.data.tokenizer import ByteTokenizer, Tokenizer
 from rmjax.models import sampling
 from rmjax.models.reward_model import RewardModel
-from rmjax.train import checkpoint, lm_trainer, loop, rm_trainer
+from rmjax.train import checkpoint, loop, rm_trainer
+
+from experiments import sft
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +65,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def world(config):
-  """The grammar, its fixed prompts (prompt id = index) and the tokenizer."""
-  grammar = Grammar.random(config.seed)
-  return grammar, grammar.prompts(config.world.num_prompts, seed=config.seed), ByteTokenizer()
+  """The fixed prompts of the grammar of `config.seed` (prompt id = index) and the tokenizer."""
+  return Grammar.random(config.seed).prompts(config.world.num_prompts, seed=config.seed), ByteTokenizer()
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -74,8 +75,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = parallel.mesh_from_config(config.mesh)
-  grammar, prompts, tok = world(config)
-  policy_params, policy_cfg = train_policy(config, workdir / 'policy', grammar, tok, mesh)
+  prompts, tok = world(config)
+  policy_params, policy_cfg = train_policy(config, workdir / 'policy', tok, mesh)
   gold = make_gold(config, workdir / 'gold', policy_params, policy_cfg, prompts, tok)
   data = make_pairs(config, workdir / 'data', policy_params, policy_cfg, gold, prompts, tok)
   result = train_reward_models(config, workdir / 'rm', data, tok, mesh)
@@ -88,19 +89,10 @@ def _process_share() -> dict:
   return dict(process_index=jax.process_index(), process_count=jax.process_count())
 
 
-def train_policy(config, workdir: pathlib.Path, grammar: Grammar, tok: Tokenizer, mesh):
+def train_policy(config, workdir: pathlib.Path, tok: Tokenizer, mesh):
   """Stage 1: pretrain the base policy on grammar documents. Returns (params, model config)."""
-  pc = config.world.policy
-  model_cfg = config_lib.model_config(pc.model, vocab_size=tok.vocab_size)
-  n, seed = int(config.world.num_documents), int(config.seed)
-  corpus = builders.TextCorpus(data_dir=str(workdir / 'tfds'), key=f'grammar{seed}_n{n}',
-                               documents=lambda split: grammar.documents(n, seed=seed), split_sizes={'train': n})
-  corpus.download_and_prepare()
-  batches = pipeline.SequenceBatches(corpus.as_data_source('train'), tok, seq_len=int(pc.seq_len),
-                                     global_batch_size=int(pc.train.batch_size), seed=seed, **_process_share())
-  params, _ = lm_trainer.train(pc, workdir, model_config=model_cfg, batches=batches, mesh=mesh, tokenizer=tok,
-                               run_config=config)
-  return params, model_cfg
+  corpus = sft.grammar_corpus(workdir, int(config.seed), int(config.world.num_documents))
+  return sft.pretrain(config.world.policy, workdir, corpus.as_data_source('train'), tok, mesh, config)
 
 
 def _left_pad(rows: list[list[int]], width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
