@@ -1,4 +1,5 @@
 """Tests for rmjax.train.checkpoint: round trip, keep-N, damage fallback, kill safety, no pickle."""
+import gc
 import hashlib
 import json
 import os
@@ -154,6 +155,7 @@ def test_damaged_latest_falls_back_then_raises(tmp_path, how):
   _damage_state_files(tmp_path / '10', 'delete')
   with pytest.warns(RuntimeWarning), pytest.raises(ckpt_lib.CheckpointError, match=r'step 20:.*\n.*step 10:'):
     ckpt.restore(_abstract(_state(0)))
+  gc.collect()  # orbax's abandoned read coroutines are reported here, under this module's filter
 
 
 def test_resumed_run_replaces_the_damaged_newer_step(tmp_path):
@@ -280,12 +282,15 @@ def test_target_mismatch_raises_without_fallback(tmp_path):
   wrong_shape = dict(_abstract(_state(0)), step=jax.ShapeDtypeStruct((2,), jnp.int32))
   missing_leaf = {k: v for k, v in _abstract(_state(0)).items() if k != 'rng'}
   for target in (wrong_shape, missing_leaf):
-    with warnings.catch_warnings():
-      warnings.simplefilter('error')  # no fallback warning either
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter('always')
       with pytest.raises(ckpt_lib.TargetMismatchError, match='step 2 .* does not match abstract_state'):
         ckpt.restore(target)
+    assert not [w for w in caught if 'could not be restored' in str(w.message)]  # no fallback
+    del caught
   assert not ckpt.save(1, _state(1), _metadata(1))  # the steps are not taken for damaged ones
   assert ckpt.all_steps() == [1, 2]
+  gc.collect()  # orbax's abandoned read coroutines are reported here, under this module's filter
 
 
 def test_bad_inputs_name_the_fix(tmp_path):
