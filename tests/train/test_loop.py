@@ -69,11 +69,12 @@ def test_injected_failure_then_resume_is_bitwise_equal(setup, uninterrupted, tmp
   assert steps == list(range(1, STEPS + 1))  # each step logged once across the two runs
 
 
-def test_sigterm_checkpoints_and_exits_then_resumes(setup, uninterrupted, tmp_path):
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGUSR2])
+def test_preemption_signal_checkpoints_and_exits_then_resumes(setup, uninterrupted, tmp_path, signum):
   def step_then_signal(state, batch):
     out = setup['step'](state, batch)
     if int(out[0].step) == 3:
-      os.kill(os.getpid(), signal.SIGTERM)
+      os.kill(os.getpid(), signum)
     return out
 
   with pytest.raises(loop.Preempted):
