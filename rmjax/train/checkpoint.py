@@ -92,6 +92,37 @@ def _abstract_leaf(leaf: Any, default_sharding: jax.sharding.Sharding) -> jax.Sh
   return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
 
 
+def _saved_shape(leaf: jax.ShapeDtypeStruct) -> tuple[int, ...]:
+  """The shape a leaf is stored with: a typed PRNG key array is stored as its uint32 key data."""
+  if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    return tuple(jax.eval_shape(jax.random.key_data, leaf).shape)
+  return tuple(leaf.shape)
+
+
+def _describe_mismatch(target: PyTree, state_dir: pathlib.Path) -> str | None:
+  """How the array leaves (names, shapes) of `target` differ from those saved in `state_dir`; None if alike.
+
+  Reads only the saved tree metadata (JSON); raises if that cannot be read.
+  """
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    saved_tree = handler.metadata(state_dir).tree
+  finally:
+    handler.close()
+  saved = {name: tuple(m.shape) for name, m in ocp.tree.to_flat_dict(saved_tree, sep='.').items()
+           if hasattr(m, 'shape')}
+  wanted = {name: _saved_shape(leaf) for name, leaf in ocp.tree.to_flat_dict(target, sep='.').items()
+            if isinstance(leaf, jax.ShapeDtypeStruct)}
+  problems = []
+  if missing := sorted(wanted.keys() - saved.keys()):
+    problems.append(f'not in the checkpoint: {missing}')
+  if extra := sorted(saved.keys() - wanted.keys()):
+    problems.append(f'in the checkpoint but not in abstract_state: {extra}')
+  problems += [f'{name}: saved {saved[name]}, abstract_state {wanted[name]}'
+               for name in sorted(wanted.keys() & saved.keys()) if saved[name] != wanted[name]]
+  return '; '.join(problems) or None
+
+
 def _finalized_steps(directory: pathlib.Path) -> list[int]:
   """Finalized step numbers under `directory`, ascending (temporary folders excluded)."""
   if not directory.is_dir():
@@ -115,7 +146,7 @@ def _first_restorable(directory: pathlib.Path, steps: Sequence[int], restore_fn)
       error = f'{type(e).__name__}: {e}'
       if len(error) > _MAX_ERROR_CHARS:
         error = error[:_MAX_ERROR_CHARS] + ' ...'
-      message = f'checkpoint step {step} in {directory} could not be restored ({error}); trying an older step.'
+      message = f'checkpoint step {step} in {directory} could not be restored ({error}); skipping it.'
       _log.warning(message)
       warnings.warn(message, RuntimeWarning, stacklevel=3)
       failures.append((step, error))
@@ -207,13 +238,13 @@ class Checkpointer:
         step whose files are damaged is skipped with a warning naming the step and the error, and
         the next older one is tried.
 
-    A readable step that does not match `abstract_state` (structure or shapes; a differing dtype is
-    a cast) raises `TargetMismatchError` at once, with no fallback: only steps whose files cannot
-    be read even without a target count as damaged.
+    A step whose saved tree metadata shows other array names or shapes than `abstract_state`
+    raises `TargetMismatchError` at once, naming the differences, with no fallback (a differing
+    dtype is a cast, not a mismatch); any other failure to read a step counts as damage.
 
     Raises:
       ValueError: `step` is given but is not a finalized step.
-      TargetMismatchError: the newest readable step does not match `abstract_state`.
+      TargetMismatchError: the step being read was saved with other leaves or shapes.
       CheckpointError: no finalized step could be read (each step's error is listed).
     """
     steps = self.all_steps()
@@ -234,10 +265,12 @@ class Checkpointer:
             METADATA_ITEM: ocp.args.JsonRestore(),
         }))
       except Exception as e:  # pylint: disable=broad-except
-        _load_step(self._directory / str(s))  # raises too if the files are damaged: then fall back
+        mismatch = _describe_mismatch(target, self._directory / str(s) / STATE_ITEM)
+        if mismatch is None:
+          raise  # the saved layout fits the target: the files are damaged, fall back
         raise TargetMismatchError(
-            f'checkpoint step {s} in {self._directory} is readable but does not match abstract_state '
-            f'(another model, optimizer or state layout?): {type(e).__name__}: {e}') from e
+            f'checkpoint step {s} in {self._directory} does not match abstract_state (another model, '
+            f'optimizer or state layout?): {mismatch}') from e
       return restored[STATE_ITEM], restored[METADATA_ITEM]
 
     try:
