@@ -138,6 +138,21 @@ class Rollout(NamedTuple):
   ref_logits: jax.Array | None
 
 
+class Samples(NamedTuple):
+  """A rollout's sequences and scores: tokens, mask [B, L]; scores [K, B]; gold [B] or None."""
+  tokens: jax.Array
+  mask: jax.Array
+  scores: jax.Array
+  gold: jax.Array | None
+
+
+class Functions(NamedTuple):
+  """The pure pieces returned by `make_functions`."""
+  iteration: Callable
+  evaluate: Callable
+  minibatch_loss: Callable
+
+
 def loss_names(objective_section: Any) -> list[str]:
   """The policy-loss piece names selected by `objective_section.loss`."""
   loss = objective_section['loss'] if 'loss' in objective_section else None
@@ -242,10 +257,11 @@ def init_params(rng: jax.Array, policy_params: Any, value_config: ModelConfig | 
 def make_functions(policy_config: ModelConfig, objective_section: Any, settings: Settings, scorer: Scorer,
                    optimizer: optax.GradientTransformation, *, value_config: ModelConfig | None = None,
                    gold_scorer: Scorer | None = None):
-  """The pure pieces of an iteration: `(iteration, minibatch_loss)`, neither jitted.
+  """The pure pieces of an iteration as `Functions`, none jitted.
 
   iteration(state, frozen, batch) -> (state, metrics); batch: `prompt_tokens [P, Lp]` int32,
     `prompt_mask [P, Lp]` bool (left-padded), optional `prompt_ids [P]` int32.
+  evaluate(state, frozen, batch, key) -> (metrics, Samples): the rollout part alone.
   minibatch_loss(params, rollout, normalizer) -> (loss, aux): the reduced policy loss of some
     rows of a `Rollout` (with `normalizer` from the whole rollout) — exposed for tests of the
     reduction contract.
@@ -370,16 +386,22 @@ def make_functions(policy_config: ModelConfig, objective_section: Any, settings:
       metrics.update({f'reward/member_{i}': scores[i].mean() for i in range(scores.shape[0])})
     for i, coef in enumerate(adaptive_kl_coefs(state.reward_state)):  # the β applied this iteration
       metrics[f'kl/coef_{i}' if i else 'kl/coef'] = coef
+    gold = None
     if gold_scorer is not None:
       gold = gold_scorer(frozen.gold_params, tokens, mask).mean(0)
       metrics['reward/gold'] = gold.mean()
       metrics['reward/proxy_gold_spearman'] = rank_correlation(proxy, gold)
-    return ro, reward_state, advantage_state, metrics
+    return ro, reward_state, advantage_state, metrics, Samples(tokens, mask, scores, gold)
+
+  def evaluate(state: RLState, frozen: Frozen, batch, key):
+    """Rollout metrics and samples on (held-out) prompts, without an update or a state change."""
+    _, _, _, metrics, samples = rollout(state, frozen, batch, key)
+    return metrics, samples
 
   def iteration(state: RLState, frozen: Frozen, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     sample_key, shuffle_key = jax.random.split(key)
-    ro, reward_state, advantage_state, metrics = rollout(state, frozen, batch, sample_key)
+    ro, reward_state, advantage_state, metrics, _ = rollout(state, frozen, batch, sample_key)
     b = ro.tokens.shape[0]
     normalizer = objectives.batch_normalizer(ro.response_mask.astype(jnp.float32), objective.reduction)
     normalizer = normalizer / s.minibatches
@@ -405,7 +427,7 @@ def make_functions(policy_config: ModelConfig, objective_section: Any, settings:
                         reward_state=reward_state, advantage_state=advantage_state)
     return new_state, metrics
 
-  return iteration, minibatch_loss
+  return Functions(iteration, evaluate, minibatch_loss)
 
 
 def make_iteration(policy_config: ModelConfig, objective_section: Any, settings: Settings, scorer: Scorer,
@@ -418,7 +440,7 @@ def make_iteration(policy_config: ModelConfig, objective_section: Any, settings:
   clip fraction, loss, ...). `state_shardings` (an `RLState` of shardings) pins the output
   state's placement.
   """
-  iteration, _ = make_functions(policy_config, objective_section, settings, scorer, optimizer,
-                                value_config=value_config, gold_scorer=gold_scorer)
+  iteration = make_functions(policy_config, objective_section, settings, scorer, optimizer,
+                             value_config=value_config, gold_scorer=gold_scorer).iteration
   out = (state_shardings, None) if state_shardings is not None else None
   return jax.jit(iteration, donate_argnums=(0,), out_shardings=out)

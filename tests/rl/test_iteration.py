@@ -159,7 +159,7 @@ def test_iteration_is_one_program_without_python_loops(policy_params):
     settings = it.Settings(group_size=GROUP, max_new_tokens=tokens, temperature=0.7, top_k=16, eos_id=EOS,
                            minibatches=minibatches, epochs=2)
     optimizer = optax.adam(1e-2)
-    fn, _ = it.make_functions(TINY, section, settings, count_scorer, optimizer)
+    fn = it.make_functions(TINY, section, settings, count_scorer, optimizer).iteration
     state, frozen = _start(policy_params, section, optimizer)
     jaxpr = jax.make_jaxpr(fn)(state, frozen, left_padded_prompts()).jaxpr
     sizes[tokens, minibatches] = _count_eqns(jaxpr)
@@ -174,7 +174,7 @@ def test_iteration_is_one_program_without_python_loops(policy_params):
 def test_same_gradient_for_one_or_four_minibatches(policy_params, reduction):
   section = dict(SECTIONS['grpo'], reduction=reduction)
   settings = it.Settings(group_size=GROUP, max_new_tokens=6, temperature=0.7, eos_id=EOS)
-  _, loss_fn = it.make_functions(TINY, section, settings, count_scorer, optax.sgd(0.1))
+  loss_fn = it.make_functions(TINY, section, settings, count_scorer, optax.sgd(0.1)).minibatch_loss
   rng = np.random.default_rng(0)
   b, lp, n = 16, 4, 6
   tokens = jnp.asarray(rng.integers(2, 32, (b, lp + n)), jnp.int32)

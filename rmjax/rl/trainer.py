@@ -1,0 +1,253 @@
+"""The RL trainer job (`configs/ppo.py`, `rloo.py`, `grpo.py`): config -> models -> `loop.run`.
+
+Models, each from a self-describing checkpoint given by path (`rmjax.train.checkpoint.load`):
+  config.policy.path     a causal-LM checkpoint (`kind='causal_lm'`): the initial policy and
+                         the frozen reference; '' = a fresh `config.policy.model` from the seed.
+  config.reward.path     a reward-model checkpoint (`kind='reward_model'`, its `normalization`
+                         used by the aggregations); '' = the toy reward "count of token
+                         `config.reward.toy_token`" (for smoke runs and tests).
+  config.gold.path       an optional gold reward model ('' = none).
+
+Prompts: `config.data.num_prompts` training and `config.data.num_eval` held-out prompts of the
+built-in synthetic language (`rmjax.data.Grammar`, seed `config.data.seed`), byte-tokenized and
+left-padded. Iteration s reads the training prompts `s·P .. s·P + P − 1` (mod the set), so the
+data position is the step and resumes with it. Every `train.eval_every` iterations the held-out
+prompts are rolled out (no update) and logged under `eval/`; at every checkpoint
+`workdir/rollouts/<step>.jsonl` receives those rollouts (prompt id, texts, tokens, per-member and
+gold scores). Everything the next iteration reads (params, optimizer, controller and whitening
+state, rng, step) is the checkpointed `RLState` (`../shared/PITFALLS.md` #13).
+
+Policy and reward models must share a tokenizer: a different one raises (re-tokenizing per
+reward model, `../shared/PITFALLS.md` #14, is not implemented yet).
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rmjax import config as config_lib
+from rmjax import objectives, parallel
+from rmjax.data.synthetic_language import Grammar
+from rmjax.data.tokenizer import ByteTokenizer
+from rmjax.models import transformer
+from rmjax.models.config import ModelConfig
+from rmjax.models.reward_model import RewardModel
+from rmjax.rl import iteration as it
+from rmjax.train import checkpoint, loop, optim
+
+
+def load_policy(path: str) -> tuple[Any, ModelConfig, dict]:
+  """`(params, ModelConfig, tokenizer dict)` of a causal-LM checkpoint folder."""
+  state, meta = checkpoint.load(path)
+  if meta.get('kind') != 'causal_lm':
+    raise config_lib.ConfigError(f'{path}: expected a causal_lm checkpoint, found kind={meta.get("kind")!r}.')
+  return jax.tree.map(jnp.asarray, state['params']), ModelConfig.from_dict(meta['model']), meta.get('tokenizer', {})
+
+
+def load_reward_model(path: str) -> tuple[RewardModel, Any, objectives.RewardStats | None, dict]:
+  """`(RewardModel, params, stats or None, tokenizer dict)` of a reward-model checkpoint folder."""
+  state, meta = checkpoint.load(path)
+  if meta.get('kind') != 'reward_model':
+    raise config_lib.ConfigError(f'{path}: expected a reward_model checkpoint, found kind={meta.get("kind")!r}.')
+  rm = RewardModel.from_dict(meta['model'])
+  norm = meta.get('normalization')
+  stats = None if norm is None else objectives.RewardStats(jnp.asarray(norm['mean'], jnp.float32),
+                                                           jnp.asarray(norm['std'], jnp.float32))
+  return rm, jax.tree.map(jnp.asarray, state['params']), stats, meta.get('tokenizer', {})
+
+
+def token_count_scorer(token: int):
+  """The toy scorer: `[1, B]` number of `token` among the real tokens of each row."""
+  def scorer(params, tokens, mask):
+    del params
+    return ((tokens == token) & mask).sum(-1).astype(jnp.float32)[None]
+  return scorer
+
+
+def left_pad(rows: list[list[int]], width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pads (and left-truncates) id lists to `[N, width]` tokens and mask."""
+  tokens, mask = np.full((len(rows), width), pad_id, np.int32), np.zeros((len(rows), width), bool)
+  for i, r in enumerate(rows):
+    r = r[-width:]
+    tokens[i, width - len(r):], mask[i, width - len(r):] = r, True
+  return tokens, mask
+
+
+class PromptBatches:
+  """`batches[s]`: prompts `s·P ..` of a fixed set (wrapping), as numpy `prompt_tokens/mask/ids`."""
+
+  def __init__(self, tokens: np.ndarray, mask: np.ndarray, per_batch: int):
+    if per_batch > len(tokens):
+      raise config_lib.ConfigError(f'{per_batch} prompts per iteration exceed the {len(tokens)} prompts available.')
+    self.tokens, self.mask, self.per_batch = tokens, mask, per_batch
+
+  def __getitem__(self, step: int) -> dict[str, np.ndarray]:
+    ids = (step * self.per_batch + np.arange(self.per_batch)) % len(self.tokens)
+    return dict(prompt_tokens=self.tokens[ids], prompt_mask=self.mask[ids], prompt_ids=ids.astype(np.int32))
+
+
+def validate(config) -> None:
+  """Checks the RL sections before anything compiles."""
+  C = config_lib
+  C.require_positive(config, 'rl.group_size', 'rl.max_new_tokens', 'rl.epochs', 'rl.minibatches', 'rl.temperature',
+                     'data.prompts_per_iteration', 'data.num_prompts', 'data.num_eval', 'data.prompt_len',
+                     'train.steps')
+  if (config.data.prompts_per_iteration * config.rl.group_size) % config.rl.minibatches:
+    raise C.ConfigError(f'config.data.prompts_per_iteration × rl.group_size = '
+                        f'{config.data.prompts_per_iteration * config.rl.group_size} rows must be a multiple of '
+                        f'rl.minibatches={config.rl.minibatches}.')
+  try:
+    objectives.build(config.objective)
+  except ValueError as e:
+    raise C.ConfigError(f'config.objective: {e}') from e
+
+
+def settings(config, tok) -> it.Settings:
+  r = config.rl
+  return it.Settings(group_size=int(r.group_size), max_new_tokens=int(r.max_new_tokens),
+                     temperature=float(r.temperature), top_k=int(r.top_k), top_p=float(r.top_p), eos_id=tok.eos_id,
+                     pad_id=tok.pad_id, epochs=int(r.epochs), minibatches=int(r.minibatches),
+                     missing_eos_penalty=float(r.missing_eos_penalty) if r.missing_eos_penalty > 0 else None)
+
+
+def _same_tokenizer(tok, other: dict, what: str) -> None:
+  if other and other != tok.to_dict():
+    raise config_lib.ConfigError(f'{what} uses tokenizer {other}, the policy {tok.to_dict()}; re-tokenizing for '
+                                 'another tokenizer is not supported yet — use models with one tokenizer.')
+
+
+def write_rollouts(path: pathlib.Path, samples: it.Samples, prompt_ids: np.ndarray, prompt_len: int, tok) -> None:
+  """One JSON line per rollout: prompt id, prompt and response text and tokens, per-member and gold scores."""
+  s = jax.device_get(samples)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, 'w') as f:
+    for i in range(s.tokens.shape[0]):
+      prompt = s.tokens[i, :prompt_len][s.mask[i, :prompt_len]]
+      response = s.tokens[i, prompt_len:][s.mask[i, prompt_len:]]
+      row = dict(prompt_id=int(prompt_ids[i]), prompt=tok.decode(prompt.tolist()), text=tok.decode(response.tolist()),
+                 prompt_tokens=prompt.tolist(), tokens=response.tolist(), scores=s.scores[:, i].tolist(),
+                 gold=None if s.gold is None else float(s.gold[i]))
+      f.write(json.dumps(row) + '\n')
+
+
+def run(config, workdir: str) -> dict:
+  """Trains the policy with `config`; returns the final checkpoint's metadata."""
+  validate(config)
+  workdir = pathlib.Path(workdir)
+  mesh = parallel.mesh_from_config(config.mesh)
+  tok = ByteTokenizer()
+  key = jax.random.key(int(config.seed))
+  if config.policy.path:
+    policy_params, policy_cfg, tok_dict = load_policy(config.policy.path)
+    _same_tokenizer(tok, tok_dict, 'the policy checkpoint')
+  else:
+    policy_cfg = config_lib.model_config(config.policy.model, vocab_size=tok.vocab_size)
+    policy_params = transformer.init_lm(jax.random.fold_in(key, 1), policy_cfg)
+  if config.reward.path:
+    rm, reward_params, stats, tok_dict = load_reward_model(config.reward.path)
+    _same_tokenizer(tok, tok_dict, 'the reward model')
+    scorer = rm.apply
+  else:
+    reward_params, stats, scorer = (), None, token_count_scorer(int(config.reward.toy_token))
+  gold_scorer = gold_params = None
+  if config.gold.path:
+    gold_rm, gold_params, gold_stats, tok_dict = load_reward_model(config.gold.path)
+    _same_tokenizer(tok, tok_dict, 'the gold model')
+    shift = 0.0 if gold_stats is None else gold_stats.mean[:, None]
+    scale = 1.0 if gold_stats is None else gold_stats.std[:, None]
+    gold_scorer = lambda p, t, m: (gold_rm.apply(p, t, m) - shift) / scale
+
+  value_cfg = policy_cfg if it.uses_value(config.objective) else None
+  optimizer = optim.make_optimizer(config.optim, int(config.train.steps) * int(config.rl.epochs) *
+                                   int(config.rl.minibatches))
+  objective = objectives.build(config.objective)
+  fns = it.make_functions(policy_cfg, config.objective, settings(config, tok), scorer, optimizer,
+                          value_config=value_cfg, gold_scorer=gold_scorer)
+  frozen = it.Frozen(ref_params=policy_params, reward_params=reward_params, stats=stats, gold_params=gold_params)
+
+  def init():
+    params = it.init_params(jax.random.fold_in(key, 2), policy_params, value_cfg,
+                            None if value_cfg is None else policy_params['backbone'])
+    return it.init_state(params, optimizer, jax.random.fold_in(key, 3), objective)
+
+  abstract = jax.eval_shape(init)
+  rep = parallel.replicated(mesh)
+  shardings = jax.tree.map(lambda _: rep, abstract)
+  iteration = jax.jit(fns.iteration, donate_argnums=(0,), out_shardings=(shardings, None))
+  evaluate = jax.jit(fns.evaluate)
+
+  grammar = Grammar.random(int(config.data.seed))
+  texts = grammar.prompts(int(config.data.num_prompts) + int(config.data.num_eval), seed=int(config.data.seed))
+  tokens, mask = left_pad([tok.encode(t) for t in texts], int(config.data.prompt_len), tok.pad_id)
+  n_train = int(config.data.num_prompts)
+  batches = PromptBatches(tokens[:n_train], mask[:n_train], int(config.data.prompts_per_iteration))
+  held_out = dict(prompt_tokens=tokens[n_train:], prompt_mask=mask[n_train:],
+                  prompt_ids=np.arange(n_train, len(texts), dtype=np.int32))
+  eval_key = jax.random.fold_in(key, 4)
+
+  def run_eval(state):
+    metrics, samples = evaluate(state, frozen, parallel.global_batch(held_out, mesh), eval_key)
+    return {f'eval/{k}': float(v) for k, v in jax.device_get(metrics).items()}, samples
+
+  def metadata(state):
+    # Called by the loop at each checkpoint: the held-out rollouts are written beside it.
+    _, samples = run_eval(state)
+    step = int(jax.device_get(state.step))
+    write_rollouts(workdir / 'rollouts' / f'{step}.jsonl', samples,
+                   np.repeat(held_out['prompt_ids'], int(config.rl.group_size)), int(config.data.prompt_len), tok)
+    return loop.describe(config, kind='rl_policy', model=policy_cfg.to_dict(), tokenizer=tok.to_dict(),
+                         value_model=None if value_cfg is None else value_cfg.to_dict())
+
+  state, meta = loop.run(
+      workdir=workdir, loop=loop.LoopConfig.from_config(config.train, desc=f'rl {config.objective.advantage}'),
+      train_step=lambda state, batch: iteration(state, frozen, batch),
+      init_state=lambda: jax.jit(init, out_shardings=shardings)(),
+      abstract_state=jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                                  shardings),
+      batches=batches, mesh=mesh, metadata=metadata, evaluate=lambda state: run_eval(state)[0])
+  return meta
+
+
+def base_config(advantage: str, arg: str):
+  """The shared RL config of `configs/{ppo,rloo,grpo}.py`; `arg` 'tiny' (default) or 'test'."""
+  import ml_collections  # configs only
+  if arg not in ('tiny', 'test'):
+    raise ValueError(f'unknown variant {arg!r}; choose tiny or test.')
+  c = ml_collections.ConfigDict()
+  c.job = 'rmjax.rl.trainer:run'
+  c.seed = 0
+  c.policy = ml_collections.ConfigDict(dict(path='', model=config_lib.model('tiny')))
+  c.reward = ml_collections.ConfigDict(dict(path='', toy_token=ord('e') + 3))
+  c.gold = ml_collections.ConfigDict(dict(path=''))
+  c.data = ml_collections.ConfigDict(dict(seed=0, num_prompts=256, num_eval=16, prompt_len=24,
+                                          prompts_per_iteration=16))
+  c.rl = ml_collections.ConfigDict(dict(group_size=4, max_new_tokens=24, temperature=1.0, top_k=0, top_p=1.0,
+                                        epochs=2, minibatches=4, missing_eos_penalty=0.0))
+  c.objective = ml_collections.ConfigDict({'reward': 'mean', 'advantage': advantage, 'loss': 'ppo_clip'})
+  if advantage == 'gae':
+    c.objective.reward = 'mean,kl_penalty'
+    c.objective.kl_penalty = dict(beta=0.05)
+    c.objective.loss = 'ppo_clip,value'
+    c.objective.gae = dict(gamma=1.0, lam=0.95)
+  else:
+    c.objective[advantage] = dict(group_size=4)
+    c.objective.loss = 'ppo_clip,kl_k2'
+    c.objective.kl_k2 = dict(coef=0.05)
+  if advantage == 'dr_grpo':
+    c.objective.reduction, c.objective.reduction_constant = 'constant', 24.0
+  c.optim = config_lib.optim(lr=1e-3, warmup_steps=0, schedule='constant', weight_decay=0.0)
+  c.train = config_lib.train(60, log_every=10, eval_every=20, checkpoint_every=20)
+  c.mesh = config_lib.mesh()
+  if arg == 'test':
+    c.policy.model = config_lib.model('tiny', width=16, mlp_width=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                                      max_len=64)
+    c.data.update(num_prompts=16, num_eval=4, prompt_len=8, prompts_per_iteration=4)
+    c.rl.update(max_new_tokens=6, minibatches=2)
+    c.train = config_lib.train(6, log_every=2, eval_every=2, checkpoint_every=2)
+    c.train.progress = False
+  return c
