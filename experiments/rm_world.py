@@ -20,7 +20,6 @@ Stages, each stored under the workdir and skipped (or resumed) when already ther
 from __future__ import annotations
 
 import json
-import logging
 import pathlib
 
 import jax
@@ -40,8 +39,6 @@ from rmjax.models.reward_model import RewardModel
 from rmjax.train import checkpoint, loop, rm_trainer
 
 from experiments import sft
-
-log = logging.getLogger(__name__)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -148,9 +145,8 @@ def gold_scores(config, gold: RewardModel, gold_params, tok: Tokenizer, pairs: l
 def make_gold(config, workdir: pathlib.Path, policy_params, policy_cfg, prompts, tok: Tokenizer):
   """Stage 2: the gold reward model (random weights from the seed; see the module docstring).
 
-  Its normalization (mean, std of raw scores over 256 base-policy responses) is saved with it,
-  and `gold_scores` returns normalized scores, so a Bradley-Terry temperature has a fixed
-  meaning. Saved as a self-describing checkpoint in `workdir`, for later stages and studies.
+  Its normalization (mean, std of raw scores over 256 base-policy responses) is saved with it;
+  the pairs carry normalized gold scores, so a Bradley-Terry temperature has a fixed meaning. Saved as a self-describing checkpoint in `workdir`, for later stages and studies.
   Returns (model, params, normalization).
   """
   gold_cfg = config_lib.model_config(config.world.gold, vocab_size=tok.vocab_size)

@@ -163,7 +163,7 @@ def run(*, workdir: str | pathlib.Path, loop: LoopConfig, train_step: Callable, 
           meta = dict(metadata(state), final=final, data_step=done)
           if final and finalize is not None:
             meta.update(finalize(state))
-          ckpt.save(done, state, meta, force=True)
+          ckpt.save(done, state, meta)
           last_saved = done
           if signal_flag['hit'] is not None and not final:
             ckpt.wait()
