@@ -51,3 +51,14 @@ def test_kill_and_resume_ends_at_the_same_parameters(tmp_path):
   # The toy reward counts its token over prompt + response: the saved scores are those counts.
   for r in rollout:
     assert r['scores'] == [float((r['prompt_tokens'] + r['tokens']).count(config.reward.toy_token))]
+
+
+def test_bon_job_writes_curves(tmp_path):
+  from rmjax.rl import bon_job
+  result = bon_job.run(_config('bon'), tmp_path)
+  assert json.loads((tmp_path / 'bon.json').read_text()) == result
+  assert result['n'] == [1, 4, 64]
+  # Proxy curve non-decreasing in n; the plug-in KL never exceeds the analytic bound (+ rounding).
+  assert np.all(np.diff(result['proxy']) >= -1e-9)
+  assert np.all(np.array(result['kl_plugin']) <= np.array(result['kl_bound']) + 1e-9)
+  assert result['kl_plugin'][0] == pytest.approx(0.0, abs=1e-12)
