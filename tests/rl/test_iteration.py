@@ -124,14 +124,15 @@ def test_reward_model_reads_eos_of_left_padded_prompt_plus_response():
   """The rollout's layout (left-padded prompt + right-padded response) scores like the bare row."""
   rm = RewardModel(TINY, num_members=2)
   params = rm.init(jax.random.key(3))
+  score = jax.jit(rm.apply)
   prompt = jnp.array([[PAD, PAD, 4, 5], [9, 10, 11, 12]])
   prompt_mask = prompt != PAD
   response = jnp.array([[6, EOS, PAD], [13, 14, 15]])   # EOS-terminated; truncated
   response_mask = jnp.array([[1, 1, 0], [1, 1, 1]], bool)
-  scores = rm.apply(params, jnp.concatenate([prompt, response], 1), jnp.concatenate([prompt_mask, response_mask], 1))
+  scores = score(params, jnp.concatenate([prompt, response], 1), jnp.concatenate([prompt_mask, response_mask], 1))
   bare = [jnp.array([[4, 5, 6, EOS]]), jnp.array([[9, 10, 11, 12, 13, 14, 15]])]
   for i, row in enumerate(bare):
-    want = rm.apply(params, row, jnp.ones_like(row, bool))[:, 0]
+    want = score(params, row, jnp.ones_like(row, bool))[:, 0]
     np.testing.assert_allclose(np.asarray(scores[:, i]), np.asarray(want), atol=1e-5)
 
 
