@@ -76,7 +76,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   policy_params, policy_cfg = train_policy(config, workdir / 'policy', tok, mesh)
   gold = make_gold(config, workdir / 'gold', policy_params, policy_cfg, prompts, tok)
   data = make_pairs(config, workdir / 'data', policy_params, policy_cfg, gold, prompts, tok)
-  result = train_reward_models(config, workdir / 'rm', data, tok, mesh)
+  _, meta = train_reward_models(config, workdir / 'rm', data, tok, mesh)
+  result = meta['eval']
   (workdir / 'rm' / 'eval.json').write_text(json.dumps(result, indent=2, sort_keys=True))
   print(json.dumps({k: round(v, 4) for k, v in result.items()}, indent=2, sort_keys=True))
   return result
@@ -100,46 +101,52 @@ def _left_pad(rows: list[list[int]], width: int, pad_id: int) -> tuple[np.ndarra
   return tokens, mask
 
 
-def sample_candidates(config, policy_params, policy_cfg, prompts: list[str], tok: Tokenizer, num: int, split_seed: int):
-  """`num` examples of (prompt_id, prompt, response_a, response_b): two policy samples per prompt.
+def sample_responses(config, policy_params, policy_cfg, prompts: list[str], tok: Tokenizer, split_seed: int,
+                     desc: str = 'sampling') -> list[str]:
+  """One response per entry of `prompts` (repeat a prompt to draw several), sampled from the policy.
 
-  Prompt ids are drawn uniformly from the fixed prompt set; the sampler runs in batches of
-  `data.sample_batch` rows (both responses of an example in one batch), with a progress bar.
+  Runs the KV-cache sampler in batches of `data.sample_batch` rows (the last batch padded with
+  copies, so every batch has the same shape) with a progress bar; batch j draws with
+  `fold_in(fold_in(key(seed), split_seed), j)`.
   """
   d = config.data
-  rng = np.random.default_rng([int(config.seed), split_seed])
-  ids = rng.integers(0, len(prompts), size=num)
   encoded = [tok.encode(p) for p in prompts]
   width = max(len(e) for e in encoded)
-  per_batch = max(1, int(d.sample_batch) // 2)
+  batch = int(d.sample_batch)
   sample = jax.jit(lambda params, t, m, key: sampling.sample(
       params, policy_cfg, t, m, key, max_new_tokens=int(d.max_new_tokens), temperature=float(d.temperature),
       eos_id=tok.eos_id, pad_id=tok.pad_id))
   key = jax.random.fold_in(jax.random.key(int(config.seed)), split_seed)
-  out = []
-  for start in tqdm.trange(0, num, per_batch, desc=f'sampling pairs ({num})', leave=False):
-    chunk = ids[start:start + per_batch]
-    rows = [encoded[i] for i in chunk for _ in (0, 1)]
-    pad = per_batch * 2 - len(rows)  # fixed shapes: pad the last batch with copies
-    tokens, mask = _left_pad(rows + rows[:1] * pad, width, tok.pad_id)
-    res = jax.device_get(sample(policy_params, tokens, mask, jax.random.fold_in(key, start)))
-    texts = [tok.decode(res.tokens[j][res.mask[j]]) for j in range(len(rows))]
-    out += [(int(i), prompts[i], texts[2 * j], texts[2 * j + 1]) for j, i in enumerate(chunk)]
-  return out
+  texts = []
+  for j, start in enumerate(tqdm.trange(0, len(prompts), batch, desc=f'{desc} ({len(prompts)})', leave=False)):
+    rows = encoded[start:start + batch]
+    tokens, mask = _left_pad(rows + rows[:1] * (batch - len(rows)), width, tok.pad_id)
+    res = jax.device_get(sample(policy_params, tokens, mask, jax.random.fold_in(key, j)))
+    texts += [tok.decode(res.tokens[i][res.mask[i]]) for i in range(len(rows))]
+  return texts
 
 
-def gold_scores(config, gold: RewardModel, gold_params, tok: Tokenizer, pairs: list[tuple[str, str]]) -> np.ndarray:
-  """Raw gold scores `[N]` of (prompt, response) texts, tokenized as the pair batches tokenize them."""
+def sample_candidates(config, policy_params, policy_cfg, prompts: list[str], tok: Tokenizer, num: int, split_seed: int):
+  """`num` examples of (prompt_id, prompt, response_a, response_b): two policy samples per prompt,
+  prompt ids drawn uniformly from the fixed prompt set."""
+  ids = np.random.default_rng([int(config.seed), split_seed]).integers(0, len(prompts), size=num)
+  texts = sample_responses(config, policy_params, policy_cfg, [prompts[i] for i in ids for _ in (0, 1)], tok,
+                           split_seed, desc='sampling pairs')
+  return [(int(i), prompts[i], texts[2 * j], texts[2 * j + 1]) for j, i in enumerate(ids)]
+
+
+def score_texts(config, rm: RewardModel, params, tok: Tokenizer, pairs: list[tuple[str, str]]) -> np.ndarray:
+  """Raw scores `[K, N]` of (prompt, response) texts, tokenized as the pair batches tokenize them."""
   seq_len, bs = int(config.data.seq_len), int(config.data.sample_batch)
-  score = jax.jit(lambda p, t, m: gold.apply(p, t, m)[0])
+  score = jax.jit(rm.apply)
   out = []
   for start in range(0, len(pairs), bs):
     rows = [pipeline.encode_prompt_response(tok, p, r, seq_len)[:2] for p, r in pairs[start:start + bs]]
     n = len(rows)
     rows += rows[:1] * (bs - n)  # fixed shapes: pad the last batch with copies
     tokens, mask = np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
-    out.append(np.asarray(score(gold_params, tokens, mask))[:n])
-  return np.concatenate(out)
+    out.append(np.asarray(score(params, tokens, mask))[:, :n])
+  return np.concatenate(out, axis=1)
 
 
 def make_gold(config, workdir: pathlib.Path, policy_params, policy_cfg, prompts, tok: Tokenizer):
@@ -156,7 +163,7 @@ def make_gold(config, workdir: pathlib.Path, policy_params, policy_cfg, prompts,
     if ckpt.latest_step() is None:
       params = gold.init(jax.random.fold_in(jax.random.key(int(config.seed)), 0x601D))
       ref = sample_candidates(config, policy_params, policy_cfg, prompts, tok, 128, split_seed=3)
-      raw = gold_scores(config, gold, params, tok, [(p, r) for _, p, a, b in ref for r in (a, b)])
+      raw = score_texts(config, gold, params, tok, [(p, r) for _, p, a, b in ref for r in (a, b)])[0]
       norm = objectives.RewardStats(mean=np.array([raw.mean()]), std=np.array([max(raw.std(), 1e-6)]))
       meta = loop.describe(config, kind='reward_model', model=gold.to_dict(), tokenizer=tok.to_dict(),
                                  role='gold', normalization={'mean': norm.mean.tolist(), 'std': norm.std.tolist()})
@@ -183,7 +190,7 @@ def make_pairs(config, workdir: pathlib.Path, policy_params, policy_cfg, gold, p
     num, split_seed = (int(d.num_train), 1) if split == 'train' else (int(d.num_eval), 2)
     rows = sample_candidates(config, policy_params, policy_cfg, prompts, tok, num, split_seed)
     model, params, norm = gold
-    raw = gold_scores(config, model, params, tok, [(p, r) for _, p, a, b in rows for r in (a, b)])
+    raw = score_texts(config, model, params, tok, [(p, r) for _, p, a, b in rows for r in (a, b)])[0]
     scores = (raw - norm.mean[0]) / norm.std[0]
     for (pid, prompt, a, b), ga, gb in zip(rows, scores[0::2], scores[1::2]):
       yield pid, prompt, a, b, float(ga), float(gb)
@@ -196,24 +203,19 @@ def make_pairs(config, workdir: pathlib.Path, policy_params, policy_cfg, gold, p
   return builder
 
 
-def train_reward_models(config, workdir: pathlib.Path, data, tok: Tokenizer, mesh) -> dict:
-  """Stage 4: the ensemble on the train split; eval metrics with normalized members."""
+def train_reward_models(config, workdir: pathlib.Path, data, tok: Tokenizer, mesh, init_backbone=None):
+  """Stage 4: the ensemble on the train split; returns (params, final checkpoint metadata).
+
+  The final metadata holds each member's normalization and the held-out eval metrics.
+  """
   model_cfg = config_lib.model_config(config.model, vocab_size=tok.vocab_size)
   seq_len, seed = int(config.data.seq_len), int(config.seed)
   train_batches = pipeline.PairBatches(data.as_data_source('train'), tok, seq_len=seq_len,
                                        global_batch_size=int(config.train.batch_size), seed=seed,
                                        **_process_share())
-  eval_src = data.as_data_source('eval')
-
-  def eval_batches():
-    return pipeline.PairBatches(eval_src, tok, seq_len=seq_len, global_batch_size=int(config.eval.batch_size),
-                                seed=seed, shuffle=False, drop_remainder=False, **_process_share())
-
-  class _Epoch:  # iterates one eval epoch each time it is iterated
-    def __iter__(self):
-      b = eval_batches()
-      return (b[i] for i in range(len(b)))
-
-  _, meta = rm_trainer.train(config, workdir, model_config=model_cfg, train_batches=train_batches,
-                             eval_batches=_Epoch(), reference_batches=_Epoch(), mesh=mesh, tokenizer=tok)
-  return meta['eval']
+  eval_batches = pipeline.PairBatches(data.as_data_source('eval'), tok, seq_len=seq_len,
+                                      global_batch_size=int(config.eval.batch_size), seed=seed, shuffle=False,
+                                      drop_remainder=False, **_process_share())  # iterates one epoch
+  return rm_trainer.train(config, workdir, model_config=model_cfg, train_batches=train_batches,
+                          eval_batches=eval_batches, reference_batches=eval_batches, mesh=mesh, tokenizer=tok,
+                          init_backbone=init_backbone)

@@ -6,6 +6,7 @@ Parses flags, validates the config before anything compiles, and calls the job n
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 
 from absl import app, flags
@@ -17,6 +18,7 @@ from rmjax import config as config_lib
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/rm.py:tiny.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, data, metrics and results.')
+_REDO = flags.DEFINE_list('redo', [], 'Stages of a study to recompute, with everything that follows them.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -39,7 +41,12 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and TFDS log every file at INFO
   config = _CONFIG.value
   job = resolve_job(config.job)
-  job(config, _WORKDIR.value)
+  if _REDO.value:
+    if 'redo' not in inspect.signature(job).parameters:
+      raise config_lib.ConfigError(f'--redo: the job {config.job} has no stages to redo.')
+    job(config, _WORKDIR.value, redo=tuple(_REDO.value))
+  else:
+    job(config, _WORKDIR.value)
 
 
 def _check_keys_early(argv) -> None:

@@ -1,0 +1,86 @@
+"""The reward-overoptimization study on the embedded synthetic world (`experiments/overoptimization.py`).
+
+`python -m rmjax.main --config=configs/study/overoptimization.py:default --workdir=DIR [--redo=STAGE]`
+
+Variants: `smoke` (under two minutes, for the tests), `default` (the core comparison on a
+laptop CPU), `medium` (more prompts and samples).
+"""
+import ml_collections
+
+from rmjax import config as C
+
+VARIANTS = ('smoke', 'default', 'medium')
+
+
+def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
+  if arg not in VARIANTS:
+    raise ValueError(f'configs/study/overoptimization.py: unknown variant {arg!r}; choose one of {VARIANTS}.')
+  c = ml_collections.ConfigDict()
+  c.job = 'experiments.overoptimization:run'
+  c.seed = 0
+
+  # 1. World: the synthetic language, a base policy pretrained on it, the gold reward model.
+  c.world = ml_collections.ConfigDict()
+  c.world.num_prompts = 512
+  c.world.num_documents = 8192
+  c.world.policy = ml_collections.ConfigDict()
+  c.world.policy.model = C.model('tiny')
+  c.world.policy.optim = C.optim(lr=3e-3, warmup_steps=20)
+  c.world.policy.train = C.train(300, batch_size=32, checkpoint_every=100)
+  c.world.policy.seq_len = 128
+  c.world.gold = C.model('tiny', width=128, mlp_width=344, num_layers=4, num_heads=4, num_kv_heads=2)
+
+  # 2. Preference pairs from the base policy, labeled by the gold's ordering, 25% flipped (Coste et al.).
+  c.data = ml_collections.ConfigDict()
+  c.data.num_train = 4096
+  c.data.num_eval = 512
+  c.data.label = 'gold_order'
+  c.data.flip_prob = 0.25
+  c.data.bt_temperature = 1.0
+  c.data.max_new_tokens = 48
+  c.data.temperature = 1.0
+  c.data.seq_len = 96
+  c.data.sample_batch = 256
+
+  # 3. Proxy reward models: a K-member finetune-seed ensemble on the policy's pretrained backbone;
+  # the single proxy is its member 0 (trained exactly as alone: the optimizer runs per member).
+  c.proxy = ml_collections.ConfigDict()
+  c.proxy.model = C.model('tiny')
+  c.proxy.members = 4
+  c.proxy.loss = ml_collections.ConfigDict(dict(name='bradley_terry', margin=0.0, label_smoothing=0.0))
+  c.proxy.optim = C.optim(lr=1e-3, warmup_steps=20)
+  c.proxy.train = C.train(300, batch_size=32, log_every=25, eval_every=100, checkpoint_every=100)
+  c.proxy.eval_batch_size = 128
+
+  # 4. Objectives optimized against, by name (the registry's aggregations; 'single' = member 0).
+  c.objectives = ('single', 'mean', 'wco', 'uwo')
+  c.uwo = ml_collections.ConfigDict(dict(lam=0.5))
+  c.mean_minus_std = ml_collections.ConfigDict(dict(k=1.0))
+
+  # 5. Best-of-n: N samples per held-out prompt drawn once; curves for n = 1, 2, 4, ..., n_max.
+  c.bon = ml_collections.ConfigDict(dict(num_prompts=64, samples=512, n_max=256, batch=512))
+
+  c.mesh = C.mesh()
+
+  if arg == 'smoke':
+    c.world.num_prompts = 64
+    c.world.num_documents = 512
+    c.world.policy.train = C.train(30, batch_size=16, log_every=10, checkpoint_every=15)
+    c.world.policy.seq_len = 96
+    c.world.gold = C.model('tiny', width=48, mlp_width=96, num_layers=2, num_heads=2, num_kv_heads=1)
+    c.data.num_train = 256
+    c.data.num_eval = 64
+    c.data.max_new_tokens = 24
+    c.data.seq_len = 64
+    c.data.sample_batch = 64
+    c.proxy.model = C.model('tiny')
+    c.proxy.members = 2
+    c.proxy.train = C.train(20, batch_size=16, log_every=10, eval_every=10, checkpoint_every=10)
+    c.proxy.eval_batch_size = 32
+    c.bon = ml_collections.ConfigDict(dict(num_prompts=8, samples=32, n_max=16, batch=128))
+  elif arg == 'medium':
+    c.objectives = ('single', 'mean', 'wco', 'uwo', 'mean_minus_std', 'median')
+    c.bon.num_prompts = 128
+    c.bon.samples = 1024
+    c.bon.n_max = 512
+  return c

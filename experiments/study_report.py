@@ -1,0 +1,97 @@
+"""The study's outputs: `results.json`, PNG plots and `report.md` in the workdir."""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _plot(curves: list[dict], path: pathlib.Path, title: str) -> None:
+  """Gold and proxy reward against √KL per method (Gao et al. Fig. 1 style), 95% CI bands."""
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+  for c in curves:
+    d = np.sqrt(c['kl'])
+    for ax, key in zip(axes, ('gold_reward', 'proxy_reward')):
+      line, = ax.plot(d, c[key], marker='o', ms=3, label=c['method'])
+      lo, hi = c[f'{key}_ci']
+      ax.fill_between(d, lo, hi, color=line.get_color(), alpha=0.15)
+  for ax, name in zip(axes, ('gold reward', 'proxy reward')):
+    ax.axhline(0.0, color='gray', lw=0.8)
+    ax.set_xlabel('√KL (nats^½)')
+    ax.set_ylabel(f'{name} − base policy (std units)')
+    ax.set_title(name)
+    ax.grid(alpha=0.3)
+  axes[0].legend()
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _fmt_ci(mean: float, lo: float, hi: float) -> str:
+  return f'{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]'
+
+
+def _table(curves: list[dict]) -> list[str]:
+  rows = ['| method | peak gold [95% CI] | KL at peak | gold at largest KL [95% CI] | proxy at largest KL | '
+          'length at largest KL | fit α, β (R²) |', '|---|---|---|---|---|---|---|']
+  for c in curves:
+    g = np.asarray(c['gold_reward'])
+    lo, hi = (np.asarray(x) for x in c['gold_reward_ci'])
+    i = int(np.argmax(g))
+    f = c['fits']['gold']
+    rows.append(f'| {c["method"]} | {_fmt_ci(g[i], lo[i], hi[i])} | {c["kl"][i]:.2f} | '
+                f'{_fmt_ci(g[-1], lo[-1], hi[-1])} | {c["proxy_reward"][-1]:+.3f} | {c["length"][-1]:.1f} | '
+                f'{f["alpha"]:.3f}, {f["beta"]:.3f} ({f["r2"]:.2f}) |')
+  return rows
+
+
+def _common_kl(curves: list[dict]) -> list[str]:
+  kls = curves[0]['kl']
+  rows = ['| KL | ' + ' | '.join(c['method'] for c in curves) + ' |', '|---' * (len(curves) + 1) + '|']
+  for j, kl in enumerate(kls):
+    rows.append(f'| {kl:.2f} (plug-in {curves[0]["kl_plugin"][j]:.2f}) | '
+                + ' | '.join(f'{c["gold_reward"][j]:+.3f}' for c in curves) + ' |')
+  return rows
+
+
+def write(config, workdir: pathlib.Path, folder: pathlib.Path, stages: dict) -> dict:
+  """Write the outputs from the finished stages; returns their paths."""
+  bon = stages['bon'].result
+  curves = bon['curves']
+  results = {'curves': [{k: v for k, v in c.items() if k != 'examples'} for c in curves],
+             'proxy_eval': stages['proxies'].result, 'seed': int(config.seed)}
+  (workdir / 'results.json').write_text(json.dumps(results, indent=1))
+  plot = workdir / 'bon_gold_proxy.png'
+  _plot(curves, plot, f'best-of-n, seed {config.seed}: gold vs proxy reward against √KL')
+  ev = stages['proxies'].result
+  lines = [
+      '# Reward-model overoptimization on the synthetic world', '',
+      f'Seed {config.seed}. Gold and proxy rewards are relative to the base policy (R(0) = 0) in units of each '
+      "model's std on base-policy samples; best-of-n KL is log n − (n−1)/n (plug-in value over the distinct "
+      'samples in the KL table). 95% intervals: bootstrap over held-out prompts.', '',
+      '## Proxies', '',
+      f'Held-out agreement with the gold\'s noiseless ordering: ensemble mean {ev.get("eval/gold_accuracy", float("nan")):.3f}; '
+      + ', '.join(f'member {k.rsplit("_", 1)[1]} {v:.3f}' for k, v in sorted(ev.items())
+                  if k.startswith('eval/gold_accuracy_')) + ' (labels in training had '
+      f'{config.data.flip_prob:.0%} flipped).', '',
+      '## Best-of-n', '', f'![best-of-n]({plot.name})', '', *_table(curves), '',
+      '### Gold reward at common KL values', '', *_common_kl(curves), '',
+      '### Samples at low and high KL', '']
+  for c in curves:
+    lines.append(f'**{c["method"]}**')
+    lines.append('')
+    for e in c['examples']:
+      lines.append(f'- {e["which"]} — proxy {e["proxy"]:+.2f}, gold {e["gold"]:+.2f}: '
+                   f'`{e["prompt"]}` → `{e["response"].strip()}`')
+    lines.append('')
+  lines += ['## Stages', '', '| stage | wall time (s) | cached |', '|---|---|---|']
+  lines += [f'| {s.name} | {s.wall_s:.1f} | {"yes" if s.skipped else "no"} |' for s in stages.values()]
+  report = workdir / 'report.md'
+  report.write_text('\n'.join(lines) + '\n')
+  return {'report': str(report), 'results': str(workdir / 'results.json'), 'plots': [str(plot)]}

@@ -1,0 +1,102 @@
+"""The overoptimization study: stage caching and invalidation, and the :smoke run's outputs."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments.pipeline import Pipeline
+from rmjax import config as config_lib
+
+ROOT = pathlib.Path(__file__).parent.parent
+ENV = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(ROOT / '.jax_cache'),
+           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.2', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+CMD = [sys.executable, '-m', 'rmjax.main', '--config=configs/study/overoptimization.py:smoke',
+       '--config.world.policy.train.progress=False', '--config.proxy.train.progress=False']
+
+
+def test_pipeline_skips_keys_and_invalidates_downstream(tmp_path):
+  calls = []
+
+  def stage(name):
+    def fn(folder):
+      calls.append(name)
+      (folder / 'out.txt').write_text(name)
+      return {'name': name}
+    return fn
+
+  def run(redo=(), a_value=1, b_value=2):
+    p = Pipeline(tmp_path, redo=redo, known=('a', 'b', 'c'))
+    a = p.run('a', stage('a'), reads={'x': a_value})
+    b = p.run('b', stage('b'), reads={'y': b_value}, after=[a])
+    c = p.run('c', stage('c'), reads={}, after=[b])
+    return a, b, c
+
+  a, b, c = run()
+  assert calls == ['a', 'b', 'c'] and c.result == {'name': 'c'}
+  run()
+  assert calls == ['a', 'b', 'c']  # all cached
+  _, b2, c2 = run(b_value=3)  # a changed read: b gets a new key, and so does c
+  assert calls[3:] == ['b', 'c'] and b2.key != b.key and c2.key != c.key
+  run()  # back to the old value: the old folders are reused
+  assert calls[5:] == []
+  run(redo=('a',))  # redo a under the same key: a's new record invalidates b and c
+  assert calls[5:] == ['a', 'b', 'c']
+  with pytest.raises(config_lib.ConfigError, match=r"unknown stages \['z'\]; the stages are \['a', 'b', 'c'\]"):
+    Pipeline(tmp_path, redo=('z',), known=('a', 'b', 'c'))
+
+
+def test_killed_stage_has_no_record_and_reruns(tmp_path):
+  p = Pipeline(tmp_path)
+
+  def dies(folder):
+    (folder / 'partial').write_text('half')
+    raise RuntimeError('killed')
+
+  with pytest.raises(RuntimeError):
+    p.run('s', dies, reads={})
+  stage = p.run('s', lambda folder: (folder / 'partial').read_text(), reads={})
+  assert stage.result == 'half' and not stage.skipped  # resumed in the same folder
+
+
+@pytest.fixture(scope='module')
+def smoke(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('study')
+  out = subprocess.run(CMD + [f'--workdir={workdir}'], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-4000:]
+  return workdir, out.stdout
+
+
+@pytest.mark.slow
+def test_smoke_study_writes_results_plot_and_report(smoke):
+  workdir, stdout = smoke
+  assert f'report: {workdir / "report.md"}' in stdout
+  results = json.loads((workdir / 'results.json').read_text())
+  methods = {c['method'] for c in results['curves']}
+  assert methods == {'single', 'mean', 'wco', 'uwo'}
+  for c in results['curves']:
+    n = len(c['n'])
+    assert c['optimizer'] == 'bon' and c['n'] == sorted(c['n'])
+    assert len(c['kl']) == len(c['proxy_reward']) == len(c['gold_reward']) == len(c['kl_plugin']) == n
+    assert c['gold_reward'][0] == pytest.approx(0.0, abs=1e-9)  # relative to the base policy
+    assert c['proxy_reward'][0] == pytest.approx(0.0, abs=1e-9)
+    assert np.all(np.diff(c['proxy_reward']) >= -1e-9)  # the optimized reward rises with n
+    assert np.all(np.asarray(c['kl_plugin']) <= np.asarray(c['kl']) + 1e-9)  # the bound bounds it
+  assert (workdir / 'bon_gold_proxy.png').stat().st_size > 10_000
+  report = (workdir / 'report.md').read_text()
+  assert '| single |' in report and '## Stages' in report and 'n=16' in report
+
+
+@pytest.mark.slow
+def test_smoke_study_rerun_skips_every_stage_and_redo_reruns_downstream(smoke):
+  workdir, _ = smoke
+  out = subprocess.run(CMD + [f'--workdir={workdir}'], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.count('skipped') == 6
+  out = subprocess.run(CMD + [f'--workdir={workdir}', '--redo=bon'], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.count('skipped') == 4 and '[bon] running' in out.stdout and '[report] running' in out.stdout
