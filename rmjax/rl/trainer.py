@@ -41,12 +41,20 @@ from rmjax.rl import iteration as it
 from rmjax.train import checkpoint, loop, optim
 
 
+POLICY_KINDS = ('causal_lm', 'rl_policy')
+
+
 def load_policy(path: str) -> tuple[Any, ModelConfig, dict]:
-  """`(params, ModelConfig, tokenizer dict)` of a causal-LM checkpoint folder."""
+  """`(LM params, ModelConfig, tokenizer dict)` of a policy checkpoint folder (a step folder or a
+  run's `checkpoints/`, newest step): a causal LM (`kind='causal_lm'`: pretraining, SFT, DPO) or
+  an RL run's policy (`kind='rl_policy'`: `params['policy']` of its `RLState`)."""
   state, meta = checkpoint.load(path)
-  if meta.get('kind') != 'causal_lm':
-    raise config_lib.ConfigError(f'{path}: expected a causal_lm checkpoint, found kind={meta.get("kind")!r}.')
-  return jax.tree.map(jnp.asarray, state['params']), ModelConfig.from_dict(meta['model']), meta.get('tokenizer', {})
+  kind = meta.get('kind')
+  if kind not in POLICY_KINDS:
+    raise config_lib.ConfigError(f'{path}: expected a policy checkpoint (kind one of {POLICY_KINDS}), found '
+                                 f'kind={kind!r}.')
+  params = state['params']['policy'] if kind == 'rl_policy' else state['params']
+  return jax.tree.map(jnp.asarray, params), ModelConfig.from_dict(meta['model']), meta.get('tokenizer', {})
 
 
 def load_reward_model(path: str) -> tuple[RewardModel, Any, objectives.RewardStats | None, dict]:
