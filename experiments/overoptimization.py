@@ -42,7 +42,7 @@ from rmjax.rl import best_of_n as bon_lib
 from experiments import rm_world, study_report
 from experiments.pipeline import Pipeline
 
-STAGES = ('policy', 'gold', 'pairs', 'proxies', 'bon', 'report')
+STAGES = ('policy', 'gold', 'pairs', 'proxies', 'bon', 'curves', 'report')
 SINGLE = 'single'
 
 
@@ -108,14 +108,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, redo: tuple[str, ...] =
                                                           init_backbone=policy_params['backbone']),
       reads={'seed': config.seed, 'proxy': config.proxy}, after=[pairs_stage],
       summary=lambda out: out[1]['eval'])
-  bon_stage, _ = pipe.build(
-      'bon', lambda d: bon_curves(config, d, policy_params, policy_cfg, gold, proxy_params, proxy_meta, tok),
-      reads={'seed': config.seed, 'bon': config.bon, 'objectives': config.objectives, 'uwo': config.uwo,
-             'mean_minus_std': config.mean_minus_std, 'data': config.data},
-      after=[proxies_stage], summary=lambda out: out)
+  bon_stage, samples = pipe.build(
+      'bon', lambda d: bon_samples(config, d, policy_params, policy_cfg, gold, proxy_params, proxy_meta, tok),
+      reads={'seed': config.seed, 'bon': config.bon, 'data': config.data}, after=[proxies_stage])
+  curves_stage, curves = pipe.build(
+      'curves', lambda d: bon_curves(config, samples, _stats(proxy_meta)),
+      reads={'seed': config.seed, 'objectives': config.objectives,
+             **{name: config[name] for name in config.objectives if name in config}},
+      after=[bon_stage], summary=lambda out: out)
   report_stage, _ = pipe.build(
-      'report', lambda d: study_report.write(config, workdir, d, pipe.stages),
-      reads={'seed': config.seed}, after=[bon_stage], summary=lambda out: out)
+      'report', lambda d: study_report.write(config, workdir, pipe.stages),
+      reads={'seed': config.seed}, after=[curves_stage], summary=lambda out: out)
   print(f'report: {report_stage.result["report"]}')
   return report_stage.result
 
@@ -126,47 +129,49 @@ def _stats(meta) -> objectives.RewardStats:
                                 std=np.asarray(meta['normalization']['std']))
 
 
-def bon_curves(config, folder: pathlib.Path, policy_params, policy_cfg, gold, proxy_params, proxy_meta, tok) -> dict:
-  """Stage `bon`: draw N samples per held-out prompt once, score them, and compute every curve.
+def bon_samples(config, folder: pathlib.Path, policy_params, policy_cfg, gold, proxy_params, proxy_meta,
+                tok) -> dict:
+  """Stage `bon`: draw N samples per held-out prompt once and score them by every member and the gold.
 
-  Saves `samples.npz` (gold `[P, N]`, members `[K, P, N]`, lengths `[P, N]`) and
-  `samples.json` (the texts). Returns {'ns': [...], 'curves': [...]} (one curve per objective).
+  Saves (and, when present, loads) `samples.npz` — gold `[P, N]` (normalized), members `[K, P, N]`
+  (raw), lengths `[P, N]` — and `samples.json` (prompts and response texts).
   """
   b = config.bon
   samples_file = folder / 'samples.npz'
-  prompts = held_out_prompts(config)
-  n_prompts, n_samples = len(prompts), int(b.samples)
-  if samples_file.exists():
-    arrays = dict(np.load(samples_file))
-    texts = json.loads((folder / 'samples.json').read_text())
-  else:
+  if not samples_file.exists():
+    prompts = held_out_prompts(config)
+    n_prompts, n_samples = len(prompts), int(b.samples)
     flat_prompts = [p for p in prompts for _ in range(n_samples)]
     sample_config = ml_collections.ConfigDict(dict(seed=config.seed,
                                                    data=dict(config.data.to_dict(), sample_batch=b.batch)))
     responses = rm_world.sample_responses(sample_config, policy_params, policy_cfg, flat_prompts, tok,
                                           split_seed=7, desc='best-of-n samples')
-    texts = {'prompts': prompts, 'texts': responses}
     pairs = list(zip(flat_prompts, responses))
     gold_model, gold_params, gold_norm = gold
     gold_raw = rm_world.score_texts(sample_config, gold_model, gold_params, tok, pairs)[0]
-    members = rm_world.score_texts(sample_config, RewardModel.from_dict(proxy_meta['model']), proxy_params, tok, pairs)
+    members = rm_world.score_texts(sample_config, RewardModel.from_dict(proxy_meta['model']), proxy_params, tok,
+                                   pairs)
     arrays = {'gold': ((gold_raw - gold_norm.mean[0]) / gold_norm.std[0]).reshape(n_prompts, n_samples),
               'members': members.reshape(-1, n_prompts, n_samples),
               'lengths': np.array([len(tok.encode(t)) for t in responses]).reshape(n_prompts, n_samples)}
+    (folder / 'samples.json').write_text(json.dumps({'prompts': prompts, 'texts': responses}))
     np.savez(folder / 'samples.tmp.npz', **arrays)
-    (folder / 'samples.json').write_text(json.dumps(texts))
     (folder / 'samples.tmp.npz').replace(samples_file)
-  stats = _stats(proxy_meta)
-  ns = [1 << i for i in range(int(np.log2(int(b.n_max))) + 1)]
+  return {**dict(np.load(samples_file)), **json.loads((folder / 'samples.json').read_text())}
+
+
+def bon_curves(config, samples: dict, stats: objectives.RewardStats) -> dict:
+  """Stage `curves`: one best-of-n curve per objective of `config.objectives` (cheap: no sampling)."""
+  n_prompts, n_samples = samples['gold'].shape
+  ns = [1 << i for i in range(int(np.log2(int(config.bon.n_max))) + 1)]
   # identical responses of a prompt share an id (for the plug-in KL)
-  ids = np.unique(np.array(texts['texts'], dtype=object).reshape(n_prompts, n_samples).astype(str),
-                  return_inverse=True)[1].reshape(n_prompts, n_samples)
+  ids = np.unique(np.asarray(samples['texts'], dtype=str), return_inverse=True)[1].reshape(n_prompts, n_samples)
   curves = []
   for name in config.objectives:
-    proxy = objective_reward(config, name, arrays['members'], stats)  # [P, N]
-    curve = bon_curve(name, proxy, arrays['gold'], arrays['lengths'], ids, ns, int(config.seed),
+    proxy = objective_reward(config, name, samples['members'], stats)  # [P, N]
+    curve = bon_curve(name, proxy, samples['gold'], samples['lengths'], ids, ns, int(config.seed),
                       ensemble=None if name == SINGLE else 'finetune')
-    curve['examples'] = _examples(texts, proxy, arrays['gold'], ns[-1])
+    curve['examples'] = _examples(samples, proxy, samples['gold'], ns[-1])
     curves.append(curve)
   return {'ns': ns, 'curves': curves}
 

@@ -60,10 +60,9 @@ def _common_kl(curves: list[dict]) -> list[str]:
   return rows
 
 
-def write(config, workdir: pathlib.Path, folder: pathlib.Path, stages: dict) -> dict:
+def write(config, workdir: pathlib.Path, stages: dict) -> dict:
   """Write the outputs from the finished stages; returns their paths."""
-  bon = stages['bon'].result
-  curves = bon['curves']
+  curves = stages['curves'].result['curves']
   results = {'curves': [{k: v for k, v in c.items() if k != 'examples'} for c in curves],
              'proxy_eval': stages['proxies'].result, 'seed': int(config.seed)}
   (workdir / 'results.json').write_text(json.dumps(results, indent=1))
