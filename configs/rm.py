@@ -11,6 +11,7 @@ tests), `small` (the `small` model shape).
 """
 import ml_collections
 
+from experiments import rm_world
 from rmjax import config as C
 
 VARIANTS = ('tiny', 'test', 'small')
@@ -23,29 +24,8 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.job = 'experiments.rm_world:run'
   c.seed = 0
 
-  # The world: synthetic language, base policy, gold reward model.
-  c.world = ml_collections.ConfigDict()
-  c.world.num_prompts = 512
-  c.world.num_documents = 8192
-  c.world.policy = ml_collections.ConfigDict()
-  c.world.policy.model = C.model('tiny')
-  c.world.policy.optim = C.optim(lr=3e-3, warmup_steps=20)
-  c.world.policy.train = C.train(300, batch_size=32, checkpoint_every=100)
-  c.world.policy.seq_len = 128
-  # The gold reward model: a larger transformer than the proxies (see experiments/rm_world.py).
-  c.world.gold = C.model('tiny', width=128, mlp_width=344, num_layers=4, num_heads=4, num_kv_heads=2)
-
-  # Preference pairs sampled from the base policy and labeled by the gold model.
-  c.data = ml_collections.ConfigDict()
-  c.data.num_train = 4096
-  c.data.num_eval = 512
-  c.data.label = 'gold_order'          # or 'bradley_terry'
-  c.data.flip_prob = 0.0               # share of labels flipped (Coste et al. use 0.25)
-  c.data.bt_temperature = 1.0
-  c.data.max_new_tokens = 48
-  c.data.temperature = 1.0
-  c.data.seq_len = 96
-  c.data.sample_batch = 256
+  c.world = rm_world.world_config(arg)
+  c.data = rm_world.data_config(arg)
 
   # The reward-model ensemble.
   c.model = C.model('tiny')
@@ -57,16 +37,6 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.mesh = C.mesh()
 
   if arg == 'test':
-    c.world.num_prompts = 64
-    c.world.num_documents = 512
-    c.world.policy.train = C.train(20, batch_size=16, log_every=10, checkpoint_every=10)
-    c.world.policy.seq_len = 96
-    c.world.gold = C.model('tiny', width=32, mlp_width=64, num_layers=1, num_heads=2, num_kv_heads=1)
-    c.data.num_train = 256
-    c.data.num_eval = 64
-    c.data.max_new_tokens = 24
-    c.data.seq_len = 64
-    c.data.sample_batch = 64
     c.model = C.model('tiny', width=32, mlp_width=64, num_layers=1, num_heads=2, num_kv_heads=1)
     c.ensemble.members = 2
     c.train = C.train(24, batch_size=16, log_every=8, eval_every=12, checkpoint_every=8)

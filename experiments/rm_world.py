@@ -41,6 +41,42 @@ from rmjax.train import checkpoint, loop, rm_trainer
 from experiments import sft
 
 
+def world_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
+  """`config.world`: the synthetic language's prompts and documents, the base policy, the gold model.
+
+  `variant` 'test' is a seconds-long world for the tests; anything else the laptop-size default.
+  """
+  w = ml_collections.ConfigDict()
+  w.num_prompts = 512
+  w.num_documents = 8192
+  w.policy = ml_collections.ConfigDict(dict(
+      model=config_lib.model('tiny'), optim=config_lib.optim(lr=3e-3, warmup_steps=20),
+      train=config_lib.train(300, batch_size=32, checkpoint_every=100), seq_len=128))
+  # The gold reward model: a larger transformer than the proxies (module docstring).
+  w.gold = config_lib.model('tiny', width=128, mlp_width=344, num_layers=4, num_heads=4, num_kv_heads=2)
+  if variant == 'test':
+    w.num_prompts = 64
+    w.num_documents = 512
+    w.policy.train = config_lib.train(20, batch_size=16, log_every=10, checkpoint_every=10)
+    w.policy.seq_len = 96
+    w.gold = config_lib.model('tiny', width=32, mlp_width=64, num_layers=1, num_heads=2, num_kv_heads=1)
+  return w
+
+
+def data_config(variant: str = 'tiny', *, flip_prob: float = 0.0) -> ml_collections.ConfigDict:
+  """`config.data`: preference pairs sampled from the base policy, labeled by the gold model.
+
+  label: 'gold_order' (chosen = higher gold score) or 'bradley_terry'; flip_prob: share of labels
+  flipped (Coste et al. use 0.25). `variant` 'test' is a seconds-long data set.
+  """
+  d = ml_collections.ConfigDict(dict(num_train=4096, num_eval=512, label='gold_order', flip_prob=flip_prob,
+                                     bt_temperature=1.0, max_new_tokens=48, temperature=1.0, seq_len=96,
+                                     sample_batch=256))
+  if variant == 'test':
+    d.update(dict(num_train=256, num_eval=64, max_new_tokens=24, seq_len=64, sample_batch=64))
+  return d
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raise a `ConfigError` naming the bad field before anything compiles."""
   C = config_lib

@@ -7,6 +7,7 @@ laptop CPU), `medium` (more prompts and samples).
 """
 import ml_collections
 
+from experiments import rm_world
 from rmjax import config as C
 
 VARIANTS = ('smoke', 'default', 'medium')
@@ -20,27 +21,9 @@ def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
   c.seed = 0
 
   # 1. World: the synthetic language, a base policy pretrained on it, the gold reward model.
-  c.world = ml_collections.ConfigDict()
-  c.world.num_prompts = 512
-  c.world.num_documents = 8192
-  c.world.policy = ml_collections.ConfigDict()
-  c.world.policy.model = C.model('tiny')
-  c.world.policy.optim = C.optim(lr=3e-3, warmup_steps=20)
-  c.world.policy.train = C.train(300, batch_size=32, checkpoint_every=100)
-  c.world.policy.seq_len = 128
-  c.world.gold = C.model('tiny', width=128, mlp_width=344, num_layers=4, num_heads=4, num_kv_heads=2)
-
+  c.world = rm_world.world_config()
   # 2. Preference pairs from the base policy, labeled by the gold's ordering, 25% flipped (Coste et al.).
-  c.data = ml_collections.ConfigDict()
-  c.data.num_train = 4096
-  c.data.num_eval = 512
-  c.data.label = 'gold_order'
-  c.data.flip_prob = 0.25
-  c.data.bt_temperature = 1.0
-  c.data.max_new_tokens = 48
-  c.data.temperature = 1.0
-  c.data.seq_len = 96
-  c.data.sample_batch = 256
+  c.data = rm_world.data_config(flip_prob=0.25)
 
   # 3. Proxy reward models: a K-member finetune-seed ensemble on the policy's pretrained backbone;
   # the single proxy is its member 0 (trained exactly as alone: the optimizer runs per member).
@@ -63,16 +46,10 @@ def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
   c.mesh = C.mesh()
 
   if arg == 'smoke':
-    c.world.num_prompts = 64
-    c.world.num_documents = 512
+    c.world = rm_world.world_config('test')
     c.world.policy.train = C.train(30, batch_size=16, log_every=10, checkpoint_every=15)
-    c.world.policy.seq_len = 96
     c.world.gold = C.model('tiny', width=48, mlp_width=96, num_layers=2, num_heads=2, num_kv_heads=1)
-    c.data.num_train = 256
-    c.data.num_eval = 64
-    c.data.max_new_tokens = 24
-    c.data.seq_len = 64
-    c.data.sample_batch = 64
+    c.data = rm_world.data_config('test', flip_prob=0.25)
     c.proxy.model = C.model('tiny')
     c.proxy.members = 2
     c.proxy.train = C.train(20, batch_size=16, log_every=10, eval_every=10, checkpoint_every=10)
