@@ -1,0 +1,50 @@
+"""Markdown tables from a results JSON: `python -m benchmarks.report [results.json]`."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _ms(x: float) -> str:
+  return f'{x * 1e3:.1f}' if x < 10 else f'{x * 1e3:.0f}'
+
+
+def markdown(report: dict) -> str:
+  m = report['machine']
+  lines = [f'Machine: {m["cpu"]}, {m["cores"]} cores, {m["threads_per_framework"]} threads per framework; '
+           f'load average {report["load_start"]:.1f} at start, {report.get("load_end", float("nan")):.1f} at end.',
+           '', 'XLA fp32 dot rate measured in this run: ' + ', '.join(
+               f'{k} {v["shape"][0]}×{v["shape"][1]}×{v["shape"][2]} = {v["gflops_per_s"]:.0f} GFLOP/s'
+               for k, v in report['dots'].items()), '',
+           '| workload | framework | median ms [p25–p75] | tokens/s | GFLOP/s (of dot / of 2048²) | compile s | '
+           'peak RSS MB | rmjax speed-up [per-round range] |',
+           '|---|---|---|---|---|---|---|---|']
+  for w in report['workloads']:
+    for f, r in w['frameworks'].items():
+      tok = f'{r["tokens_per_s"]:.0f}' if 'tokens_per_s' in r else '–'
+      fl = (f'{r["gflops_per_s"]:.1f} ({r.get("dot_fraction", float("nan")):.0%} / '
+            f'{r.get("square_dot_fraction", float("nan")):.0%})') if 'gflops_per_s' in r else '–'
+      comp = f'{r["compile_s"]:.1f}' if r.get('compile_s') is not None else '–'
+      s = r.get('speedup_vs_rmjax')
+      sp = f'**{s["median"]:.2f}×** [{s["min"]:.2f}–{s["max"]:.2f}]' if s else ''
+      lines.append(f'| {w["name"]} | {r["framework"]} | {_ms(r["median_s"])} [{_ms(r["p25_s"])}–{_ms(r["p75_s"])}] | '
+                   f'{tok} | {fl} | {comp} | {r["peak_rss_mb"]:.0f} | {sp} |')
+  for e in report.get('errors', []):
+    lines.append(f'\nFAILED {e["workload"]}: {e["error"]}')
+  sc = report.get('scaling')
+  if sc:
+    lines += ['', f'Scaling ({sc["size"]}): time per step against a multiplier of one dimension; exponent = slope '
+              'of log time on log multiplier (least squares), next to the analytic FLOP count\'s.', '',
+              '| step | dimension | multipliers | median ms | time exponent | FLOP exponent |', '|---|---|---|---|---|---|']
+    for row in sc['rows']:
+      lines.append(f'| {row["step"]} | {row["dimension"]} | {", ".join(map(str, row["multipliers"]))} | '
+                   f'{", ".join(_ms(t) for t in row["median_s"])} | {row["time_exponent"]:.2f} | '
+                   f'{row["flop_exponent"]:.2f} |')
+    lines.append(f'\nPlot: `{sc["plot"]}`')
+  return '\n'.join(lines)
+
+
+if __name__ == '__main__':
+  path = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent / 'results' / 'latest.json'
+  print(markdown(json.loads(path.read_text())))

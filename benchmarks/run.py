@@ -1,0 +1,286 @@
+"""One command for every benchmark: `python -m benchmarks.run` (docs/benchmarks.md).
+
+Each workload runs rmjax and each peer in its own process (the peers in their own virtual
+environments, `benchmarks.envs`), pinned to `common.THREADS` CPUs and thread pools. The
+orchestrator then
+
+  1. builds and warms up every framework (compile time reported apart, warm-up not timed);
+  2. checks that all frameworks compute the same value on the same weights and batch (the
+     RM loss before and after one optimizer step — same optimizer, lr and clipping —, or
+     the prompt NLL of the LM) within `CHECK_TOL`, and stops the workload if they do not;
+  3. times `--repeats` rounds, the frameworks interleaved (the order rotates each round), a
+     round being several steps of one framework while the others wait;
+  4. reports per framework the median step time, its spread (25th–75th percentile, min),
+     tokens/s, peak RSS, compile time, model FLOP/s (analytic, `common.*_flops`) as a fraction
+     of XLA's dot rate at the step's largest matmul shape and of a 2048² dot measured in the
+     same run, and the speed-up peer time / rmjax time (median and range of the per-round
+     ratios, which cancels most of the drift of a shared machine).
+
+Results are printed and written to `benchmarks/results/<time>.json` (and `latest.json`).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import common, envs
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / 'results'
+CHECK_TOL = {'rm': (1e-4, 1e-3), 'generate': (1e-4,), 'grpo': (1e-4,)}
+MODULES = {'rmjax': 'benchmarks.workers.rmjax_worker', 'torch': 'benchmarks.workers.torch_worker',
+           'tunix': 'benchmarks.workers.tunix_worker'}
+SQUARE = 2048
+
+# Settings of shared/PERF_NOTES.md.
+RM = dict(pairs=16, seq_len=128)
+GEN = dict(rows=16, prompt_len=32, new_tokens=64)
+GRPO = dict(prompts_per_step=8, group=4, prompt_len=32, new_tokens=32, beta=0.04, reward_token=7)
+
+
+class Proc:
+  """A worker process speaking `common.serve`'s line protocol."""
+
+  def __init__(self, framework: str, log_dir: Path):
+    exe = sys.executable if framework == 'rmjax' else str(envs.python(framework))
+    env = {k: v for k, v in os.environ.items() if not k.startswith('JAX_COMPILATION_CACHE')}
+    env['PYTHONPATH'] = str(REPO)
+    self.framework = framework
+    self.log = open(log_dir / f'{framework}.log', 'a')
+    self.p = subprocess.Popen([exe, '-m', MODULES[framework]], cwd=REPO, env=env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1)
+
+  def call(self, cmd: str, **kw):
+    self.p.stdin.write(json.dumps(dict(kw, cmd=cmd)) + '\n')
+    line = self.p.stdout.readline()
+    if not line:
+      raise RuntimeError(f'{self.framework} worker died; see {self.log.name}.')
+    res = json.loads(line)
+    if not res.get('ok'):
+      raise RuntimeError(f'{self.framework} worker: {res.get("error")} (see {self.log.name}).')
+    return res
+
+  def close(self):
+    try:
+      self.call('quit')
+    except Exception:  # already gone
+      pass
+    self.p.wait(timeout=60)
+    self.log.close()
+
+
+def loadavg() -> float:
+  return float(Path('/proc/loadavg').read_text().split()[0])
+
+
+def machine() -> dict:
+  cpu = next((l.split(':', 1)[1].strip() for l in Path('/proc/cpuinfo').read_text().splitlines()
+              if l.startswith('model name')), 'unknown')
+  return {'cpu': cpu, 'cores': os.cpu_count(), 'threads_per_framework': common.THREADS,
+          'python': sys.version.split()[0]}
+
+
+def stats(times: list[float]) -> dict:
+  t = np.asarray(times)
+  return {'median_s': float(np.median(t)), 'p25_s': float(np.percentile(t, 25)), 'p75_s': float(np.percentile(t, 75)),
+          'min_s': float(t.min()), 'n': int(t.size)}
+
+
+def steps_for(seconds_per_step: float, budget: float) -> int:
+  return int(np.clip(round(budget / max(seconds_per_step, 1e-6)), 1, 50))
+
+
+def run_workload(w: dict, frameworks: list[str], args, log_dir: Path) -> dict:
+  """Setup, check, interleaved timing of one workload; returns its result record."""
+  print(f'\n== {w["name"]}  ({", ".join(frameworks)})', flush=True)
+  load0 = loadavg()
+  procs, setup = {}, {}
+  try:
+    for f in frameworks:
+      procs[f] = Proc(f, log_dir)
+      setup[f] = procs[f].call('setup', **w['params'])
+    ref = setup['rmjax']['check']
+    tols = CHECK_TOL[w['params']['workload']]
+    checks = {}
+    for f in frameworks:
+      got = setup[f]['check']
+      diffs = [abs(a - b) for a, b in zip(ref, got)]
+      ok = len(got) >= len(tols) and all(d <= tol for d, tol in zip(diffs, tols))
+      checks[f] = {'values': got, 'max_abs_diff': max(diffs) if diffs else 0.0, 'ok': ok}
+      if not ok:
+        raise RuntimeError(f'{w["name"]}: {f} computes {got[:len(tols)]}, rmjax {ref[:len(tols)]} '
+                           f'(tolerances {tols}); the frameworks do not run the same model.')
+    steps = {f: steps_for(procs[f].call('time', steps=1)['times'][0], args.round_seconds) for f in frameworks}
+    rounds = {f: [] for f in frameworks}
+    for r in range(args.repeats):
+      order = frameworks[r % len(frameworks):] + frameworks[:r % len(frameworks)]
+      for f in order:
+        res = procs[f].call('time', steps=steps[f])
+        rounds[f].append(res['times'])
+        setup[f]['peak_rss_mb'] = res['peak_rss_mb']
+  finally:
+    for p in procs.values():
+      p.close()
+  out = {'name': w['name'], 'kind': w['params']['workload'], 'size': w['params'].get('size'),
+         'params': w['params'], 'flops_per_step': w.get('flops'), 'tokens_per_step': w.get('tokens'),
+         'largest_matmul': w.get('matmul'), 'load_before': load0, 'load_after': loadavg(), 'frameworks': {}}
+  for f in frameworks:
+    all_times = [t for rnd in rounds[f] for t in rnd]
+    rec = dict(stats(all_times), framework=setup[f].get('framework', f), compile_s=setup[f].get('compile_s'),
+               first_steps_s=setup[f].get('first_steps_s'), peak_rss_mb=setup[f]['peak_rss_mb'],
+               check=checks[f], steps_per_round=steps[f], round_medians_s=[float(np.median(r)) for r in rounds[f]])
+    if w.get('tokens'):
+      rec['tokens_per_s'] = w['tokens'] / rec['median_s']
+    if w.get('flops'):
+      rec['gflops_per_s'] = w['flops'] / rec['median_s'] / 1e9
+    if f != 'rmjax':
+      per_round = [np.median(p) / np.median(q) for p, q in zip(rounds[f], rounds['rmjax'])]
+      rec['speedup_vs_rmjax'] = {'median': float(np.median(per_round)), 'min': float(np.min(per_round)),
+                                 'max': float(np.max(per_round)),
+                                 'of_medians': rec['median_s'] / stats([t for r in rounds['rmjax'] for t in r])['median_s']}
+    out['frameworks'][f] = rec
+  print_workload(out)
+  return out
+
+
+def print_workload(r: dict) -> None:
+  for f, rec in r['frameworks'].items():
+    extra = ''
+    if 'speedup_vs_rmjax' in rec:
+      s = rec['speedup_vs_rmjax']
+      extra = f'  rmjax speed-up {s["median"]:.2f}x [{s["min"]:.2f}-{s["max"]:.2f}]'
+    comp = rec['compile_s']
+    comp = f'{comp:.1f}s' if comp is not None else '-'
+    tok = f'{rec["tokens_per_s"]:9.0f} tok/s' if 'tokens_per_s' in rec else ''
+    fl = f'{rec["gflops_per_s"]:6.1f} GFLOP/s' if 'gflops_per_s' in rec else ''
+    frac = f' ({rec["dot_fraction"]:.0%} of dot)' if 'dot_fraction' in rec else ''
+    print(f'  {f:6s} {rec["median_s"] * 1e3:9.2f} ms [{rec["p25_s"] * 1e3:.2f}-{rec["p75_s"] * 1e3:.2f}, min '
+          f'{rec["min_s"] * 1e3:.2f}]  {tok} {fl}{frac}  compile {comp}  rss {rec["peak_rss_mb"]:.0f} MB{extra}',
+          flush=True)
+
+
+def measure_dots(shapes: dict[str, tuple[int, int, int]], args, log_dir: Path) -> dict:
+  """XLA's fp32 dot rate (GFLOP/s) at each named (M, K, N), interleaved rounds in one rmjax process."""
+  p = Proc('rmjax', log_dir)
+  times = {k: [] for k in shapes}
+  try:
+    for r in range(args.repeats):
+      for name, (m, k, n) in shapes.items():
+        p.call('setup', workload='dot', m=m, k=k, n=n)
+        t = p.call('time', steps=1)['times'][0]
+        times[name] += p.call('time', steps=steps_for(t, 0.5))['times']
+  finally:
+    p.close()
+  out = {}
+  for name, (m, k, n) in shapes.items():
+    s = stats(times[name])
+    out[name] = dict(s, shape=[m, k, n], gflops_per_s=2 * m * k * n / s['median_s'] / 1e9)
+    print(f'  dot {name:22s} {m}x{k}x{n}: {out[name]["gflops_per_s"]:.1f} GFLOP/s', flush=True)
+  return out
+
+
+def workloads(args) -> list[dict]:
+  ws = []
+  for size in args.sizes:
+    s = common.shape(size)
+    rm_tokens = 2 * RM['pairs'] * RM['seq_len']
+    mm = common.largest_matmul(s, rm_tokens)
+    if 'rm' in args.only:
+      for members, kind, label in ((1, 'full', 'RM step'), (4, 'full', 'RM K=4 full ensemble (vmapped)'),
+                                   (4, 'multi_head', 'RM K=4 multi-head')):
+        heads = members if kind == 'multi_head' else 1
+        flops = common.rm_step_flops(s, RM['pairs'], RM['seq_len'], heads) * (members if kind == 'full' else 1)
+        ws.append({'name': f'{label} [{size}]', 'flops': flops, 'tokens': rm_tokens * (members if kind == 'full' else 1),
+                   'matmul': f'rm_{size}', 'peers': ['torch'],
+                   'params': dict(workload='rm', size=size, members=members, kind=kind, **RM)})
+    if 'generate' in args.only:
+      for top_p, label in ((1.0, 'generation, temperature 1'), (0.9, 'generation, top-p 0.9')):
+        ws.append({'name': f'{label} [{size}]', 'tokens': GEN['rows'] * GEN['new_tokens'],
+                   'flops': common.generate_flops(s, GEN['rows'], GEN['prompt_len'], GEN['new_tokens']),
+                   'matmul': f'decode_{size}', 'peers': ['torch', 'tunix'],
+                   'params': dict(workload='generate', size=size, top_p=top_p, **GEN)})
+    if 'grpo' in args.only:
+      rows = GRPO['prompts_per_step'] * GRPO['group']
+      ws.append({'name': f'GRPO iteration [{size}]', 'tokens': rows * GRPO['new_tokens'],
+                 'flops': common.grpo_flops(s, rows, GRPO['prompt_len'], GRPO['new_tokens']),
+                 'matmul': f'rm_{size}', 'peers': ['torch', 'tunix'],
+                 'params': dict(workload='grpo', size=size, **GRPO)})
+  return ws
+
+
+def dot_shapes(sizes) -> dict[str, tuple[int, int, int]]:
+  shapes = {'square_2048': (SQUARE, SQUARE, SQUARE)}
+  for size in sizes:
+    s = common.shape(size)
+    shapes[f'rm_{size}'] = common.largest_matmul(s, 2 * RM['pairs'] * RM['seq_len'])
+    shapes[f'decode_{size}'] = (GEN['rows'], s.width, s.vocab)
+  return shapes
+
+
+def attach_dot_fractions(results: list[dict], dots: dict) -> None:
+  for r in results:
+    for rec in r['frameworks'].values():
+      if 'gflops_per_s' in rec:
+        rec['dot_fraction'] = rec['gflops_per_s'] / dots[r['largest_matmul']]['gflops_per_s']
+        rec['square_dot_fraction'] = rec['gflops_per_s'] / dots['square_2048']['gflops_per_s']
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  ap.add_argument('--only', default='rm,generate,grpo,scaling',
+                  help='comma-separated workloads: rm, generate, grpo, scaling')
+  ap.add_argument('--sizes', default='tiny,small', help='comma-separated shapes: tiny, small, base')
+  ap.add_argument('--peers', default='torch,tunix', help='comma-separated peers to run (torch, tunix; "" for none)')
+  ap.add_argument('--repeats', type=int, default=5, help='interleaved rounds per workload')
+  ap.add_argument('--round-seconds', type=float, default=2.0, help='target seconds of one framework per round')
+  ap.add_argument('--scaling-size', default='tiny', help='shape of the scaling sweep')
+  ap.add_argument('--out', default=str(RESULTS), help='folder for the JSON results (and the scaling PNG)')
+  args = ap.parse_args(argv)
+  args.only = [x for x in args.only.split(',') if x]
+  args.sizes = [x for x in args.sizes.split(',') if x]
+  peers = [x for x in args.peers.split(',') if x]
+  unknown = set(args.only) - {'rm', 'generate', 'grpo', 'scaling'}
+  if unknown:
+    raise SystemExit(f'--only: unknown workloads {sorted(unknown)}; choose from rm, generate, grpo, scaling.')
+  for size in args.sizes + [args.scaling_size]:
+    common.shape(size)
+  out_dir = Path(args.out)
+  stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
+  log_dir = out_dir / f'logs-{stamp}'
+  log_dir.mkdir(parents=True, exist_ok=True)
+  report = {'started': stamp, 'machine': machine(), 'load_start': loadavg(), 'optimizer': common.OPTIM,
+            'settings': {'rm': RM, 'generate': GEN, 'grpo': GRPO}, 'workloads': [], 'errors': []}
+  print(f'machine: {report["machine"]}  load {report["load_start"]:.2f}', flush=True)
+  print('XLA dot baselines (fp32):', flush=True)
+  report['dots'] = measure_dots(dot_shapes(args.sizes), args, log_dir)
+  for w in workloads(args):
+    frameworks = ['rmjax'] + [p for p in w['peers'] if p in peers]
+    try:
+      report['workloads'].append(run_workload(w, frameworks, args, log_dir))
+    except Exception as e:  # one failing workload does not stop the others
+      print(f'  FAILED: {e}', flush=True)
+      report['errors'].append({'workload': w['name'], 'error': str(e)})
+  attach_dot_fractions(report['workloads'], report['dots'])
+  if 'scaling' in args.only:
+    from benchmarks import scaling
+    report['scaling'] = scaling.sweep(args, log_dir, out_dir / f'scaling-{stamp}.png')
+  report['load_end'] = loadavg()
+  path = out_dir / f'{stamp}.json'
+  path.write_text(json.dumps(report, indent=1))
+  (out_dir / 'latest.json').write_text(json.dumps(report, indent=1))
+  print(f'\nresults: {path}', flush=True)
+  from benchmarks import report as report_lib
+  print(report_lib.markdown(report), flush=True)
+  return 1 if report['errors'] else 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
