@@ -40,5 +40,7 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         'test': ['pytest>=8', 'pytest-xdist>=3.6', 'hypothesis>=6.100'],
+        # Parity tests against transformers (torch 2.13.0 is the CPU build on these machines).
+        'hf': ['torch==2.13.0', 'transformers>=5.24'],
     },
 )
