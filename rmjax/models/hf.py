@@ -537,8 +537,8 @@ def _normalization(normalization: Any, k: int) -> tuple[np.ndarray, np.ndarray] 
 
 
 def save(params: Params, config: ModelConfig | RewardModel, path: PathLike, *, tokenizer: Any = None,
-         normalization: Any = None, pad_token_id: int | None = None, max_shard_bytes: int | None = None,
-         overwrite: bool = False) -> list[pathlib.Path]:
+         chat_template: Any = None, normalization: Any = None, pad_token_id: int | None = None,
+         max_shard_bytes: int | None = None, overwrite: bool = False) -> list[pathlib.Path]:
   """Writes folders that `transformers` loads with `from_pretrained`; returns the folders written.
 
   config: a `ModelConfig` -> one causal-LM folder (`LlamaForCausalLM`, `Qwen2ForCausalLM` or
@@ -547,8 +547,9 @@ def save(params: Params, config: ModelConfig | RewardModel, path: PathLike, *, t
     classification: kind 'full' writes `path/member_{k}` for each of the K members (one label
     each), 'multi_head' one folder with K labels.
   tokenizer: its pad / bos / eos ids go to config.json; an `HFTokenizer` is also written
-    (`rmjax.data.chat.save_tokenizer`). For a reward model the pad id must differ from bos and
-    eos, since `transformers` scores the rightmost token that is not the pad.
+    (`rmjax.data.chat.save_tokenizer`, with `chat_template`, a `ChatTemplate`). For a reward
+    model the pad id must differ from bos and eos, since `transformers` scores the rightmost
+    token that is not the pad.
   normalization: per-member `mean`, `std` `[K]` (a `RewardStats` or a dict), kept in config.json.
   max_shard_bytes: split the weights into shards of at most this size (plus the index file).
   Leaves are written in their stored dtype, tensor by tensor.
@@ -593,7 +594,7 @@ def save(params: Params, config: ModelConfig | RewardModel, path: PathLike, *, t
   if tokenizer is not None and hasattr(tokenizer, 'to_dict') and tokenizer.to_dict().get('kind') == 'hf':
     from rmjax.data import chat  # the data package depends on nothing in rmjax.models.
     for folder in folders:
-      chat.save_tokenizer(tokenizer, folder)
+      chat.save_tokenizer(tokenizer, folder, chat_template=chat_template)
   return folders
 
 

@@ -138,7 +138,8 @@ def test_export_reimport_exact_and_transformers_loads_it(family, tmp_path):
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
   assert type(reloaded) is type(model)
   tokens, mask, positions = _left_padded_batch()
-  np.testing.assert_array_equal(_hf_logits(reloaded, tokens, mask, positions), _hf_logits(model, tokens, mask, positions))
+  np.testing.assert_array_equal(_hf_logits(reloaded, tokens, mask, positions),
+                                _hf_logits(model, tokens, mask, positions))
 
 
 def test_bfloat16_load_is_the_rounded_float32(family):
@@ -152,9 +153,7 @@ def test_bfloat16_load_is_the_rounded_float32(family):
 
 
 def test_sharded_folders(family, tmp_path):
-  name, folder, model, params, config = family
-  if name != 'qwen2':
-    pytest.skip('one family is enough for the index file')
+  _, _, model, params, config = family
   theirs = tmp_path / 'theirs'
   model.save_pretrained(theirs, max_shard_size='20KB')
   assert (theirs / hf.INDEX_FILE).is_file() and len(list(theirs.glob('*.safetensors'))) > 1
@@ -168,7 +167,8 @@ def test_sharded_folders(family, tmp_path):
       np.testing.assert_array_equal(a[key], b[key], err_msg=key)
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(ours).eval()
   tokens, mask, positions = _left_padded_batch()
-  np.testing.assert_array_equal(_hf_logits(reloaded, tokens, mask, positions), _hf_logits(model, tokens, mask, positions))
+  np.testing.assert_array_equal(_hf_logits(reloaded, tokens, mask, positions),
+                                _hf_logits(model, tokens, mask, positions))
 
 
 def _right_padded_batch():
