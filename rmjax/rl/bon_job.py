@@ -2,7 +2,8 @@
 
 Writes `workdir/bon.json`: for each n in `config.bon.ns`, the unbiased expected proxy (and gold,
 when `config.gold.path` is set) score of best-of-n, `kl_bound(n)` and the mean plug-in KL over the
-distinct draws of each prompt. Models and prompts as in `rmjax.rl.trainer`.
+distinct draws of each prompt. Models, prompts and re-tokenization as in `rmjax.rl.trainer`; the
+gold score is standardized by the gold checkpoint's normalization, as the trainer reports it.
 """
 from __future__ import annotations
 
@@ -25,22 +26,22 @@ def run(config, workdir: str) -> dict:
   big_n, ns = int(config.bon.num_samples), [int(n) for n in str(config.bon.ns).split(',')]
   if any(not 1 <= n <= big_n for n in ns):
     raise config_lib.ConfigError(f'config.bon.ns={config.bon.ns!r}: every n must be in [1, num_samples={big_n}].')
-  tok = ByteTokenizer()
   key = jax.random.key(int(config.seed))
   if config.policy.path:
-    params, policy_cfg, _ = trainer.load_policy(config.policy.path)
+    params, policy_cfg, tok_dict = trainer.load_policy(config.policy.path)
+    tok = trainer.policy_tokenizer(tok_dict)
   else:
+    tok = ByteTokenizer()
     policy_cfg = config_lib.model_config(config.policy.model, vocab_size=tok.vocab_size)
     params = transformer.init_lm(jax.random.fold_in(key, 1), policy_cfg)
+  widths = (int(config.data.prompt_len), int(config.bon.max_new_tokens))
   if config.reward.path:
-    rm, reward_params, stats, _ = trainer.load_reward_model(config.reward.path)
-    scorer = rm.apply
+    scorer, reward_params, stats = trainer.reward_scorer(config.reward, tok, *widths)
   else:
     reward_params, stats, scorer = (), None, trainer.token_count_scorer(int(config.reward.toy_token))
   gold_scorer = gold_params = None
   if config.gold.path:
-    gold_rm, gold_params, _, _ = trainer.load_reward_model(config.gold.path)
-    gold_scorer = gold_rm.apply
+    gold_scorer, gold_params, _ = trainer.reward_scorer(config.gold, tok, *widths, normalized=True)
   texts = Grammar.random(int(config.data.seed)).prompts(int(config.data.num_eval), seed=int(config.data.seed) + 1)
   tokens, mask = trainer.left_pad([tok.encode(t) for t in texts], int(config.data.prompt_len), tok.pad_id)
   out = jax.device_get(bon.best_of_n(

@@ -17,8 +17,11 @@ prompts are rolled out (no update) and logged under `eval/`; at every checkpoint
 gold scores). Everything the next iteration reads (params, optimizer, controller and whitening
 state, rng, step) is the checkpointed `RLState` (`../shared/PITFALLS.md` #13).
 
-Policy and reward models must share a tokenizer: a different one raises (re-tokenizing per
-reward model, `../shared/PITFALLS.md` #14, is not implemented yet).
+Tokenizers: prompts are encoded with the policy checkpoint's tokenizer (the byte tokenizer for a
+fresh policy). A reward or gold model saved with another tokenizer scores re-tokenized rows
+(`rmjax.rl.retokenize`: decoded, encoded again with its own tokenizer on the host inside the
+compiled iteration, `../shared/PITFALLS.md` #14), `config.reward.seq_len` / `config.gold.seq_len`
+tokens wide (0: as wide as the policy's rows, `data.prompt_len + rl.max_new_tokens`).
 """
 from __future__ import annotations
 
@@ -33,11 +36,12 @@ import numpy as np
 from rmjax import config as config_lib
 from rmjax import objectives, parallel
 from rmjax.data.synthetic_language import Grammar
-from rmjax.data.tokenizer import ByteTokenizer
+from rmjax.data.tokenizer import ByteTokenizer, Tokenizer, tokenizer_from_dict
 from rmjax.models import transformer
 from rmjax.models.config import ModelConfig
 from rmjax.models.reward_model import RewardModel
 from rmjax.rl import iteration as it
+from rmjax.rl import retokenize
 from rmjax.train import checkpoint, loop, optim
 
 
@@ -123,10 +127,30 @@ def settings(config, tok) -> it.Settings:
                      missing_eos_penalty=float(r.missing_eos_penalty) if r.missing_eos_penalty > 0 else None)
 
 
-def _same_tokenizer(tok, other: dict, what: str) -> None:
-  if other and other != tok.to_dict():
-    raise config_lib.ConfigError(f'{what} uses tokenizer {other}, the policy {tok.to_dict()}; re-tokenizing for '
-                                 'another tokenizer is not supported yet — use models with one tokenizer.')
+def reward_scorer(section, policy_tok: Tokenizer, prompt_len: int, max_new_tokens: int, *, normalized: bool = False):
+  """`(scorer, params, stats)` of the reward-model checkpoint at `section.path`.
+
+  scorer(params, tokens, mask) -> [K, B] on the policy's rows: the model's `apply`, behind
+  re-tokenization (`rmjax.rl.retokenize`, `section.seq_len` wide; 0 = `prompt_len +
+  max_new_tokens`) when its checkpoint names another tokenizer than `policy_tok`. With
+  `normalized`, scores are standardized by the checkpoint's normalization (as for the gold).
+  """
+  rm, params, stats, tok_dict = load_reward_model(section.path)
+  scorer = rm.apply
+  if normalized and stats is not None:
+    shift, scale = stats.mean[:, None], stats.std[:, None]
+    scorer = lambda p, t, m: (rm.apply(p, t, m) - shift) / scale
+  if tok_dict:
+    rm_tok = tokenizer_from_dict(tok_dict)
+    if rm_tok != policy_tok:
+      width = int(section.seq_len) if 'seq_len' in section and section.seq_len > 0 else prompt_len + max_new_tokens
+      scorer = retokenize.retokenizing_scorer(scorer, policy_tok, rm_tok, prompt_len=prompt_len, width=width)
+  return scorer, params, stats
+
+
+def policy_tokenizer(tok_dict: dict) -> Tokenizer:
+  """The tokenizer a policy checkpoint names (the byte tokenizer when it names none)."""
+  return tokenizer_from_dict(tok_dict) if tok_dict else ByteTokenizer()
 
 
 def write_rollouts(path: pathlib.Path, samples: it.Samples, prompt_ids: np.ndarray, prompt_len: int, tok) -> None:
@@ -148,27 +172,22 @@ def run(config, workdir: str) -> dict:
   validate(config)
   workdir = pathlib.Path(workdir)
   mesh = parallel.mesh_from_config(config.mesh)
-  tok = ByteTokenizer()
   key = jax.random.key(int(config.seed))
   if config.policy.path:
     policy_params, policy_cfg, tok_dict = load_policy(config.policy.path)
-    _same_tokenizer(tok, tok_dict, 'the policy checkpoint')
+    tok = policy_tokenizer(tok_dict)
   else:
+    tok = ByteTokenizer()
     policy_cfg = config_lib.model_config(config.policy.model, vocab_size=tok.vocab_size)
     policy_params = transformer.init_lm(jax.random.fold_in(key, 1), policy_cfg)
+  widths = (int(config.data.prompt_len), int(config.rl.max_new_tokens))
   if config.reward.path:
-    rm, reward_params, stats, tok_dict = load_reward_model(config.reward.path)
-    _same_tokenizer(tok, tok_dict, 'the reward model')
-    scorer = rm.apply
+    scorer, reward_params, stats = reward_scorer(config.reward, tok, *widths)
   else:
     reward_params, stats, scorer = (), None, token_count_scorer(int(config.reward.toy_token))
   gold_scorer = gold_params = None
   if config.gold.path:
-    gold_rm, gold_params, gold_stats, tok_dict = load_reward_model(config.gold.path)
-    _same_tokenizer(tok, tok_dict, 'the gold model')
-    shift = 0.0 if gold_stats is None else gold_stats.mean[:, None]
-    scale = 1.0 if gold_stats is None else gold_stats.std[:, None]
-    gold_scorer = lambda p, t, m: (gold_rm.apply(p, t, m) - shift) / scale
+    gold_scorer, gold_params, _ = reward_scorer(config.gold, tok, *widths, normalized=True)
 
   value_cfg = policy_cfg if it.uses_value(config.objective) else None
   optimizer = optim.make_optimizer(config.optim, int(config.train.steps) * int(config.rl.epochs) *
@@ -230,8 +249,8 @@ def base_config(advantage: str, arg: str):
   c.job = 'rmjax.rl.trainer:run'
   c.seed = 0
   c.policy = ml_collections.ConfigDict(dict(path='', model=config_lib.model('tiny')))
-  c.reward = ml_collections.ConfigDict(dict(path='', toy_token=ord('e') + 3))
-  c.gold = ml_collections.ConfigDict(dict(path=''))
+  c.reward = ml_collections.ConfigDict(dict(path='', toy_token=ord('e') + 3, seq_len=0))
+  c.gold = ml_collections.ConfigDict(dict(path='', seq_len=0))
   c.data = ml_collections.ConfigDict(dict(seed=0, num_prompts=256, num_eval=16, prompt_len=24,
                                           prompts_per_iteration=16))
   c.rl = ml_collections.ConfigDict(dict(group_size=4, max_new_tokens=24, temperature=1.0, top_k=0, top_p=1.0,
