@@ -148,9 +148,9 @@ def bon_samples(config, folder: pathlib.Path, policy_params, policy_cfg, gold, p
                                           split_seed=7, desc='best-of-n samples')
     pairs = list(zip(flat_prompts, responses))
     gold_model, gold_params, gold_norm = gold
-    gold_raw = rm_world.score_texts(sample_config, gold_model, gold_params, tok, pairs)[0]
+    gold_raw = rm_world.score_texts(sample_config, gold_model, gold_params, tok, pairs, desc='gold scores')[0]
     members = rm_world.score_texts(sample_config, RewardModel.from_dict(proxy_meta['model']), proxy_params, tok,
-                                   pairs)
+                                   pairs, desc='proxy scores')
     arrays = {'gold': ((gold_raw - gold_norm.mean[0]) / gold_norm.std[0]).reshape(n_prompts, n_samples),
               'members': members.reshape(-1, n_prompts, n_samples),
               'lengths': np.array([len(tok.encode(t)) for t in responses]).reshape(n_prompts, n_samples)}

@@ -171,12 +171,13 @@ def sample_candidates(config, policy_params, policy_cfg, prompts: list[str], tok
   return [(int(i), prompts[i], texts[2 * j], texts[2 * j + 1]) for j, i in enumerate(ids)]
 
 
-def score_texts(config, rm: RewardModel, params, tok: Tokenizer, pairs: list[tuple[str, str]]) -> np.ndarray:
+def score_texts(config, rm: RewardModel, params, tok: Tokenizer, pairs: list[tuple[str, str]],
+                desc: str = 'scoring') -> np.ndarray:
   """Raw scores `[K, N]` of (prompt, response) texts, tokenized as the pair batches tokenize them."""
   seq_len, bs = int(config.data.seq_len), int(config.data.sample_batch)
   score = jax.jit(rm.apply)
   out = []
-  for start in range(0, len(pairs), bs):
+  for start in tqdm.trange(0, len(pairs), bs, desc=f'{desc} ({len(pairs)})', leave=False):
     rows = [pipeline.encode_prompt_response(tok, p, r, seq_len)[:2] for p, r in pairs[start:start + bs]]
     n = len(rows)
     rows += rows[:1] * (bs - n)  # fixed shapes: pad the last batch with copies
