@@ -1,1 +1,1 @@
-"""rmjax.eval."""
+"""rmjax.eval: reward-model evaluation (`reward_bench`: RewardBench-style accuracy, calibration, disagreement)."""

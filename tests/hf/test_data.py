@@ -4,39 +4,15 @@ import json
 
 import numpy as np
 import pytest
-import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from rmjax.data import ByteTokenizer, PairBatches, chat, hf_datasets
+from tests.hf.conftest import CHATML
 
-SPECIALS = ['<pad>', '<s>', '</s>', '<|im_start|>', '<|im_end|>']
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 CONVERSATION = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'hello there'},
                 {'role': 'assistant', 'content': 'hi'}]
 # What CHATML renders for CONVERSATION, written out by hand.
 RENDERED = ('<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhello there<|im_end|>\n'
             '<|im_start|>assistant\nhi<|im_end|>\n')
-
-
-@pytest.fixture(scope='module')
-def tokenizer_folders(tmp_path_factory):
-  """Two folders with one trained BPE tokenizer: the template in chat_template.jinja / in tokenizer_config.json."""
-  tok = tokenizers.Tokenizer(models.BPE(unk_token=None))
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  corpus = ['hello there, how are you?', 'hi, be brief.', 'the assistant is helpful'] * 20
-  tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS,
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-  new, old = tmp_path_factory.mktemp('new'), tmp_path_factory.mktemp('old')
-  for folder in (new, old):
-    (folder / 'tokenizer.json').write_text(tok.to_str())
-  specials = {'pad_token': '<pad>', 'bos_token': {'__type': 'AddedToken', 'content': '<s>', 'special': True}, 'eos_token': '<|im_end|>'}
-  (new / 'tokenizer_config.json').write_text(json.dumps(specials))
-  (new / 'chat_template.jinja').write_text(CHATML)
-  (old / 'tokenizer_config.json').write_text(json.dumps(specials | {'chat_template': [
-      {'name': 'default', 'template': CHATML}, {'name': 'tool_use', 'template': 'unused'}]}))
-  return new, old
 
 
 def test_tokenizer_folder_and_chat_template(tokenizer_folders, tmp_path):
