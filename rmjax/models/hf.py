@@ -170,7 +170,7 @@ class _Reader:
 
 
 def _write_safetensors(path: pathlib.Path, tensors: Sequence[tuple[str, Any]]) -> None:
-  """Writes `(name, array-producing callable)` pairs tensor by tensor (header first, from shapes)."""
+  """Writes `(name, (shape, dtype, make))` tensors one by one, `make()` giving the array (header first, from shapes)."""
   header: dict[str, Any] = {'__metadata__': {'format': 'pt'}}
   offset = 0
   for name, (shape, dtype, _) in tensors:
