@@ -77,6 +77,11 @@ def _rm_config(config) -> ml_collections.ConfigDict:
       eval=dict(batch_size=p.eval_batch_size, aggregate='mean'), mesh=config.mesh))
 
 
+def _sampling_fields(data) -> dict:
+  """The fields of `config.data` that sampling from the policy and scoring read."""
+  return {k: data[k] for k in ('max_new_tokens', 'temperature', 'seq_len', 'sample_batch')}
+
+
 def held_out_prompts(config) -> list[str]:
   """`bon.num_prompts` prompts of the grammar that are not among the training prompts."""
   n_train, n = int(config.world.num_prompts), int(config.bon.num_prompts)
@@ -98,8 +103,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, redo: tuple[str, ...] =
       reads={'seed': config.seed, 'num_documents': w.num_documents, 'policy': w.policy})
   gold_stage, gold = pipe.build(
       'gold', lambda d: rm_world.make_gold(config, d, policy_params, policy_cfg, prompts, tok),
-      reads={'seed': config.seed, 'gold': w.gold, 'num_prompts': w.num_prompts, 'data': config.data},
-      after=[policy_stage])
+      reads={'seed': config.seed, 'gold': w.gold, 'num_prompts': w.num_prompts,
+             'sampling': _sampling_fields(config.data)}, after=[policy_stage])
   pairs_stage, data = pipe.build(
       'pairs', lambda d: rm_world.make_pairs(config, d, policy_params, policy_cfg, gold, prompts, tok),
       reads={'seed': config.seed, 'data': config.data, 'num_prompts': w.num_prompts}, after=[gold_stage])
@@ -110,7 +115,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, redo: tuple[str, ...] =
       summary=lambda out: out[1]['eval'])
   bon_stage, samples = pipe.build(
       'bon', lambda d: bon_samples(config, d, policy_params, policy_cfg, gold, proxy_params, proxy_meta, tok),
-      reads={'seed': config.seed, 'bon': config.bon, 'data': config.data}, after=[proxies_stage])
+      reads={'seed': config.seed, 'bon': config.bon, 'sampling': _sampling_fields(config.data)},
+      after=[proxies_stage])
   curves_stage, curves = pipe.build(
       'curves', lambda d: bon_curves(config, samples, _stats(proxy_meta)),
       reads={'seed': config.seed, 'objectives': config.objectives,
