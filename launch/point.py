@@ -3,7 +3,9 @@
 Runs the job of `config.job` exactly as `python -m rmjax.main` does (the same `--config` and
 `--config.a.b=v` flags), with the point's overrides (a JSON dict of dotted keys) applied on
 top, and writes `DIR/result.json` (the point's final metrics, see `final_metrics`) when the
-job returns: the marker the launchers use to skip finished points. A rerun in the same
+job returns: the marker the launchers use to skip finished points. `jax.distributed` is
+initialised first from the environment (`rmjax.parallel.initialize_from_env`: SLURM, submitit,
+a TPU pod, or `RMJAX_COORDINATOR_ADDRESS` ...). A rerun in the same
 workdir resumes the job from its own checkpoints. Process 0 writes the result; with
 `--lock` (the default) the process holds an exclusive lock on `DIR/.lock` while it runs, so a
 restarted runner's new process waits for a dying old one to finish writing its checkpoint.
@@ -26,6 +28,7 @@ from absl import logging as absl_logging
 
 from rmjax import config as config_lib
 from rmjax import main as rmjax_main  # defines the --config and --workdir flags
+from rmjax import parallel
 
 from launch import sweep
 
@@ -104,6 +107,7 @@ def exclusive_lock(path: pathlib.Path):
 def main(argv) -> None:
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)
+  parallel.initialize_from_env()  # multi-host jobs: before anything touches a device
   try:
     overrides = json.loads(_OVERRIDES.value)
   except json.JSONDecodeError as e:

@@ -1,3 +1,4 @@
-"""Meshes and sharding rules."""
+"""Meshes, sharding rules and multi-process set-up."""
+from rmjax.parallel.distributed import ProcessGroup, initialize_from_env, process_group
 from rmjax.parallel.mesh import (BATCH_AXES, MESH_AXES, RULES, batch_sharding, global_batch, make_mesh,
                                  mesh_from_config, replicated, spec_for, tree_shardings)

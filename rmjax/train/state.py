@@ -1,6 +1,7 @@
 """The train state pytree and its shardings."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -9,6 +10,7 @@ import optax
 from jax.sharding import Mesh
 
 from rmjax import parallel
+from rmjax.models import partitioning
 
 
 class TrainState(NamedTuple):
@@ -35,17 +37,41 @@ def step_key(state: TrainState) -> jax.Array:
   return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
 
-def shardings(abstract_state: TrainState, param_axes, optimizer: optax.GradientTransformation,
-              mesh: Mesh) -> TrainState:
-  """NamedShardings for a state: params (and their optimizer moments) by logical axes, the rest replicated."""
-  param_shardings = parallel.tree_shardings(abstract_state.params, param_axes, mesh)
+def optimizer_shardings(optimizer: optax.GradientTransformation, abstract_opt_state, param_shardings, mesh: Mesh):
+  """Shardings of an optax state: each moment like its parameter, counts and other leaves replicated."""
   # A per-member optimizer's state has its inner optimizer's structure (see rm_trainer.PerMember).
   template = getattr(optimizer, 'inner', optimizer)
-  opt_shardings = optax.tree_utils.tree_map_params(
-      template, lambda _, s: s, abstract_state.opt_state, param_shardings,
-      transform_non_params=lambda _: parallel.replicated(mesh))
+  return optax.tree_utils.tree_map_params(template, lambda _, s: s, abstract_opt_state, param_shardings,
+                                          transform_non_params=lambda _: parallel.replicated(mesh))
+
+
+def state_shardings(abstract_state, optimizer: optax.GradientTransformation, mesh: Mesh, *, param_axes=None,
+                    params: str = 'params', opt_state: str = 'opt_state',
+                    rules: Mapping[str, str | None] = parallel.RULES):
+  """NamedShardings for any state NamedTuple (`TrainState`, the RL state, ...).
+
+  The field `params` is sharded by its logical axes (`param_axes`, default
+  `partitioning.logical_axes` of it) under `rules`, the field `opt_state` like the parameters
+  it holds moments of, and every other leaf (step, rng, controller state) is replicated.
+  """
+  for field in (params, opt_state):
+    if not hasattr(abstract_state, field):
+      raise ValueError(f'state_shardings: the state {type(abstract_state).__name__} has no field {field!r}; '
+                       'name its parameter and optimizer-state fields with params= and opt_state=.')
+  abstract_params = getattr(abstract_state, params)
+  axes = partitioning.logical_axes(abstract_params) if param_axes is None else param_axes
+  param_shardings = parallel.tree_shardings(abstract_params, axes, mesh, rules)
   rep = parallel.replicated(mesh)
-  return TrainState(step=rep, params=param_shardings, opt_state=opt_shardings, rng=rep)
+  out = jax.tree.map(lambda _: rep, abstract_state)
+  return out._replace(**{params: param_shardings,
+                         opt_state: optimizer_shardings(optimizer, getattr(abstract_state, opt_state),
+                                                        param_shardings, mesh)})
+
+
+def shardings(abstract_state: TrainState, param_axes, optimizer: optax.GradientTransformation,
+              mesh: Mesh, *, rules: Mapping[str, str | None] = parallel.RULES) -> TrainState:
+  """NamedShardings for a `TrainState`: params (and their optimizer moments) by logical axes, the rest replicated."""
+  return state_shardings(abstract_state, optimizer, mesh, param_axes=param_axes, rules=rules)
 
 
 def with_shardings(abstract_state, state_shardings):
