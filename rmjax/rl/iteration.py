@@ -151,6 +151,7 @@ class Functions(NamedTuple):
   iteration: Callable
   evaluate: Callable
   minibatch_loss: Callable
+  iteration_samples: Callable
 
 
 def loss_names(objective_section: Any) -> list[str]:
@@ -262,6 +263,8 @@ def make_functions(policy_config: ModelConfig, objective_section: Any, settings:
   iteration(state, frozen, batch) -> (state, metrics); batch: `prompt_tokens [P, Lp]` int32,
     `prompt_mask [P, Lp]` bool (left-padded), optional `prompt_ids [P]` int32.
   evaluate(state, frozen, batch, key) -> (metrics, Samples): the rollout part alone.
+  iteration_samples(state, frozen, batch) -> (state, metrics, Samples): the iteration, also
+    returning the rollout it trained on.
   minibatch_loss(params, rollout, normalizer) -> (loss, aux): the reduced policy loss of some
     rows of a `Rollout` (with `normalizer` from the whole rollout) — exposed for tests of the
     reduction contract.
@@ -398,10 +401,10 @@ def make_functions(policy_config: ModelConfig, objective_section: Any, settings:
     _, _, _, metrics, samples = rollout(state, frozen, batch, key)
     return metrics, samples
 
-  def iteration(state: RLState, frozen: Frozen, batch):
+  def iteration_samples(state: RLState, frozen: Frozen, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     sample_key, shuffle_key = jax.random.split(key)
-    ro, reward_state, advantage_state, metrics, _ = rollout(state, frozen, batch, sample_key)
+    ro, reward_state, advantage_state, metrics, samples = rollout(state, frozen, batch, sample_key)
     b = ro.tokens.shape[0]
     normalizer = objectives.batch_normalizer(ro.response_mask.astype(jnp.float32), objective.reduction)
     normalizer = normalizer / s.minibatches
@@ -425,9 +428,13 @@ def make_functions(policy_config: ModelConfig, objective_section: Any, settings:
     metrics['ratio_dev_first'] = per_step['ratio_dev'][0, 0]
     new_state = RLState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng,
                         reward_state=reward_state, advantage_state=advantage_state)
+    return new_state, metrics, samples
+
+  def iteration(state: RLState, frozen: Frozen, batch):
+    new_state, metrics, _ = iteration_samples(state, frozen, batch)
     return new_state, metrics
 
-  return Functions(iteration, evaluate, minibatch_loss)
+  return Functions(iteration, evaluate, minibatch_loss, iteration_samples)
 
 
 def make_iteration(policy_config: ModelConfig, objective_section: Any, settings: Settings, scorer: Scorer,

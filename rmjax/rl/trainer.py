@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -167,19 +167,37 @@ def write_rollouts(path: pathlib.Path, samples: it.Samples, prompt_ids: np.ndarr
       f.write(json.dumps(row) + '\n')
 
 
-def run(config, workdir: str) -> dict:
-  """Trains the policy with `config`; returns the final checkpoint's metadata."""
-  validate(config)
-  workdir = pathlib.Path(workdir)
+class Setup(NamedTuple):
+  """What `build` makes of a config, shared by the single-run and the population jobs.
+
+  base_params: the loaded policy's LM params, or None for a fresh policy (`fresh_policy(seed)`).
+  """
+  tok: Tokenizer
+  policy_cfg: ModelConfig
+  base_params: Any
+  value_cfg: ModelConfig | None
+  settings: it.Settings
+  scorer: it.Scorer
+  gold_scorer: it.Scorer | None
+  reward_params: Any
+  stats: objectives.RewardStats | None
+  gold_params: Any
+  batches: PromptBatches
+  held_out: dict[str, np.ndarray]
+  mesh: Any
+  total_updates: int
+
+
+def build(config) -> Setup:
+  """Models (by path or fresh), scorers (re-tokenizing where needed), prompts and the mesh of `config`."""
   mesh = parallel.mesh_from_config(config.mesh)
-  key = jax.random.key(int(config.seed))
+  base_params = None
   if config.policy.path:
-    policy_params, policy_cfg, tok_dict = load_policy(config.policy.path)
+    base_params, policy_cfg, tok_dict = load_policy(config.policy.path)
     tok = policy_tokenizer(tok_dict)
   else:
     tok = ByteTokenizer()
     policy_cfg = config_lib.model_config(config.policy.model, vocab_size=tok.vocab_size)
-    policy_params = transformer.init_lm(jax.random.fold_in(key, 1), policy_cfg)
   widths = (int(config.data.prompt_len), int(config.rl.max_new_tokens))
   if config.reward.path:
     scorer, reward_params, stats = reward_scorer(config.reward, tok, *widths)
@@ -188,47 +206,81 @@ def run(config, workdir: str) -> dict:
   gold_scorer = gold_params = None
   if config.gold.path:
     gold_scorer, gold_params, _ = reward_scorer(config.gold, tok, *widths, normalized=True)
-
-  value_cfg = policy_cfg if it.uses_value(config.objective) else None
-  optimizer = optim.make_optimizer(config.optim, int(config.train.steps) * int(config.rl.epochs) *
-                                   int(config.rl.minibatches))
-  objective = objectives.build(config.objective)
-  fns = it.make_functions(policy_cfg, config.objective, settings(config, tok), scorer, optimizer,
-                          value_config=value_cfg, gold_scorer=gold_scorer)
-  frozen = it.Frozen(ref_params=policy_params, reward_params=reward_params, stats=stats, gold_params=gold_params)
-
-  def init():
-    params = it.init_params(jax.random.fold_in(key, 2), policy_params, value_cfg,
-                            None if value_cfg is None else policy_params['backbone'])
-    return it.init_state(params, optimizer, jax.random.fold_in(key, 3), objective)
-
-  abstract = jax.eval_shape(init)
-  rep = parallel.replicated(mesh)
-  shardings = jax.tree.map(lambda _: rep, abstract)
-  iteration = jax.jit(fns.iteration, donate_argnums=(0,), out_shardings=(shardings, None))
-  evaluate = jax.jit(fns.evaluate)
-
   grammar = Grammar.random(int(config.data.seed))
   texts = grammar.prompts(int(config.data.num_prompts) + int(config.data.num_eval), seed=int(config.data.seed))
   tokens, mask = left_pad([tok.encode(t) for t in texts], int(config.data.prompt_len), tok.pad_id)
   n_train = int(config.data.num_prompts)
-  batches = PromptBatches(tokens[:n_train], mask[:n_train], int(config.data.prompts_per_iteration))
-  held_out = dict(prompt_tokens=tokens[n_train:], prompt_mask=mask[n_train:],
-                  prompt_ids=np.arange(n_train, len(texts), dtype=np.int32))
-  eval_key = jax.random.fold_in(key, 4)
+  return Setup(
+      tok=tok, policy_cfg=policy_cfg, base_params=base_params,
+      value_cfg=policy_cfg if it.uses_value(config.objective) else None, settings=settings(config, tok),
+      scorer=scorer, gold_scorer=gold_scorer, reward_params=reward_params, stats=stats, gold_params=gold_params,
+      batches=PromptBatches(tokens[:n_train], mask[:n_train], int(config.data.prompts_per_iteration)),
+      held_out=dict(prompt_tokens=tokens[n_train:], prompt_mask=mask[n_train:],
+                    prompt_ids=np.arange(n_train, len(texts), dtype=np.int32)),
+      mesh=mesh, total_updates=int(config.train.steps) * int(config.rl.epochs) * int(config.rl.minibatches))
+
+
+def initial_policy(setup: Setup, seed: int | jax.Array) -> Any:
+  """The run's initial policy (and frozen reference): the loaded one, else a fresh one from `seed`."""
+  if setup.base_params is not None:
+    return setup.base_params
+  return transformer.init_lm(jax.random.fold_in(jax.random.key(seed), 1), setup.policy_cfg)
+
+
+def init_run_state(setup: Setup, policy_params, optimizer, objective, seed: int | jax.Array) -> it.RLState:
+  """The `RLState` at step 0 of the run with `seed`: rng `fold_in(key(seed), 3)`, value model from
+  `fold_in(key(seed), 2)` (its backbone the policy's)."""
+  key = jax.random.key(seed)
+  params = it.init_params(jax.random.fold_in(key, 2), policy_params, setup.value_cfg,
+                          None if setup.value_cfg is None else policy_params['backbone'])
+  return it.init_state(params, optimizer, jax.random.fold_in(key, 3), objective)
+
+
+def eval_key(seed: int | jax.Array) -> jax.Array:
+  """The key of the held-out rollouts of the run with `seed` (the same at every evaluation)."""
+  return jax.random.fold_in(jax.random.key(seed), 4)
+
+
+def rollout_prompt_ids(setup: Setup) -> np.ndarray:
+  return np.repeat(setup.held_out['prompt_ids'], setup.settings.group_size)
+
+
+def run(config, workdir: str) -> dict:
+  """Trains the policy with `config`; returns the final checkpoint's metadata. A config whose
+  `population` section names several members runs them as one population (`rmjax.rl.population`)."""
+  if 'population' in config and (config.population.seeds or config.population.hparams):
+    from rmjax.rl import population  # the population job builds on this module
+    return population.run(config, workdir)
+  validate(config)
+  workdir = pathlib.Path(workdir)
+  setup = build(config)
+  seed = int(config.seed)
+  policy_params = jax.jit(lambda: initial_policy(setup, seed))() if setup.base_params is None else setup.base_params
+  optimizer = optim.make_optimizer(config.optim, setup.total_updates)
+  objective = objectives.build(config.objective)
+  fns = it.make_functions(setup.policy_cfg, config.objective, setup.settings, setup.scorer, optimizer,
+                          value_config=setup.value_cfg, gold_scorer=setup.gold_scorer)
+  frozen = it.Frozen(ref_params=policy_params, reward_params=setup.reward_params, stats=setup.stats,
+                     gold_params=setup.gold_params)
+  init = lambda: init_run_state(setup, policy_params, optimizer, objective, seed)
+  abstract = jax.eval_shape(init)
+  rep = parallel.replicated(setup.mesh)
+  shardings = jax.tree.map(lambda _: rep, abstract)
+  iteration = jax.jit(fns.iteration, donate_argnums=(0,), out_shardings=(shardings, None))
+  evaluate = jax.jit(fns.evaluate)
+  held_out = parallel.global_batch(setup.held_out, setup.mesh)
 
   def run_eval(state):
-    metrics, samples = evaluate(state, frozen, parallel.global_batch(held_out, mesh), eval_key)
+    metrics, samples = evaluate(state, frozen, held_out, eval_key(seed))
     return {f'eval/{k}': float(v) for k, v in jax.device_get(metrics).items()}, samples
 
   def metadata(state):
     # Called by the loop at each checkpoint: the held-out rollouts are written beside it.
     _, samples = run_eval(state)
     step = int(jax.device_get(state.step))
-    write_rollouts(workdir / 'rollouts' / f'{step}.jsonl', samples,
-                   np.repeat(held_out['prompt_ids'], int(config.rl.group_size)), int(config.data.prompt_len), tok)
-    return loop.describe(config, kind='rl_policy', model=policy_cfg.to_dict(), tokenizer=tok.to_dict(),
-                         value_model=None if value_cfg is None else value_cfg.to_dict())
+    write_rollouts(workdir / 'rollouts' / f'{step}.jsonl', samples, rollout_prompt_ids(setup),
+                   int(config.data.prompt_len), setup.tok)
+    return run_metadata(config, setup)
 
   state, meta = loop.run(
       workdir=workdir, loop=loop.LoopConfig.from_config(config.train, desc=f'rl {config.objective.advantage}'),
@@ -236,8 +288,14 @@ def run(config, workdir: str) -> dict:
       init_state=lambda: jax.jit(init, out_shardings=shardings)(),
       abstract_state=jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
                                   shardings),
-      batches=batches, mesh=mesh, metadata=metadata, evaluate=lambda state: run_eval(state)[0])
+      batches=setup.batches, mesh=setup.mesh, metadata=metadata, evaluate=lambda state: run_eval(state)[0])
   return meta
+
+
+def run_metadata(config, setup: Setup) -> dict:
+  """The self-describing metadata of an RL policy checkpoint (`kind='rl_policy'`)."""
+  return loop.describe(config, kind='rl_policy', model=setup.policy_cfg.to_dict(), tokenizer=setup.tok.to_dict(),
+                       value_model=None if setup.value_cfg is None else setup.value_cfg.to_dict())
 
 
 def base_config(advantage: str, arg: str):
@@ -270,6 +328,8 @@ def base_config(advantage: str, arg: str):
   c.optim = config_lib.optim(lr=1e-3, warmup_steps=0, schedule='constant', weight_decay=0.0)
   c.train = config_lib.train(60, log_every=10, eval_every=20, checkpoint_every=20)
   c.mesh = config_lib.mesh()
+  # Several seeds or values: the members run as one vmapped program (`rmjax.rl.population`).
+  c.population = ml_collections.ConfigDict(dict(seeds='', hparams=''))
   if arg == 'test':
     c.policy.model = config_lib.model('tiny', width=16, mlp_width=32, num_layers=1, num_heads=2, num_kv_heads=1,
                                       max_len=64)
