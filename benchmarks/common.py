@@ -195,7 +195,9 @@ def serve(handlers: dict[str, Any]) -> None:
     cmd = req.pop('cmd')
     if cmd == 'quit':
       out.write(json.dumps({'ok': True}) + '\n')
-      return
+      out.flush()
+      sys.stderr.flush()
+      os._exit(0)  # trainers' background threads would otherwise keep the process alive
     try:
       res = handlers[cmd](**req)
       res = dict(res or {}, ok=True, peak_rss_mb=peak_rss_mb())
@@ -214,3 +216,14 @@ def timed(fn, steps: int) -> list[float]:
     fn()
     times.append(time.perf_counter() - t0)
   return times
+
+
+def next_time(times, thread, poll: float = 1.0) -> float:
+  """The next step time from `times` (a queue) filled by `thread`; raises if the thread has died."""
+  import queue
+  while True:
+    try:
+      return times.get(timeout=poll)
+    except queue.Empty:
+      if not thread.is_alive():
+        raise RuntimeError('the training thread stopped (its traceback is in the worker log).')

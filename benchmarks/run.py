@@ -73,7 +73,11 @@ class Proc:
       self.call('quit')
     except Exception:  # already gone
       pass
-    self.p.wait(timeout=60)
+    try:
+      self.p.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+      self.p.kill()
+      self.p.wait()
     self.log.close()
 
 

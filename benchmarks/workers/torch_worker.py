@@ -79,6 +79,7 @@ class Worker:
 
   def __init__(self):
     self.run_once = None
+    self.run_steps = None
 
   # --------------------------------------------------------------------------- RM step
   def setup_rm(self, size, pairs, seq_len, members=1, kind='full', seed=0, **_):
@@ -141,6 +142,84 @@ class Worker:
     self.run_once = once
     return {'compile_s': None, 'first_steps_s': time.perf_counter() - t0, 'check': check}
 
+  # --------------------------------------------------------------------------- GRPO iteration
+  def setup_grpo(self, size, prompts_per_step, group, prompt_len, new_tokens, beta, reward_token, seed=0, **_):
+    """TRL's GRPOTrainer, driven by `trainer.train()` in a thread that a callback paces step by step."""
+    import queue
+    import tempfile
+    import threading
+
+    import datasets
+    import tokenizers
+    import trl
+
+    s = common.shape(size)
+    w = common.init_weights(s, seed, lm_head=True)
+    model = load(transformers.LlamaForCausalLM(hf_config(s)), hf_state_dict(s, w))
+    prompt = common.prompts(s, prompts_per_step, prompt_len, seed + 300)
+    with torch.inference_mode():
+      ids = torch.from_numpy(prompt.astype(np.int64))
+      lp = torch.log_softmax(model(input_ids=ids).logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+    check = [float(-lp.mean())]
+    # Word-level tokenizer "t17" -> 17; EOS is one id past the model's vocabulary, so it is never
+    # sampled and every completion has exactly `new_tokens` tokens.
+    vocab = {f't{i}': i for i in range(s.vocab)}
+    vocab['<eos>'] = s.vocab
+    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token='t0'))
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token='t0', eos_token='<eos>')
+    folder = tempfile.mkdtemp(prefix='bench-trl-')
+    model.config.eos_token_id = s.vocab
+    model.generation_config.eos_token_id = s.vocab
+    model.save_pretrained(folder)  # TRL builds its reference model from the model's path
+    tok.save_pretrained(folder)
+    texts = [' '.join(f't{int(i)}' for i in row) for row in prompt]
+    data = datasets.Dataset.from_dict({'prompt': texts * 2000})
+    reward_id = int(reward_token)
+
+    def count_reward(completions, completion_ids, **_):
+      lengths = {len(c) for c in completion_ids}
+      if lengths != {new_tokens}:
+        raise RuntimeError(f'TRL completions have lengths {sorted(lengths)}, expected {new_tokens}.')
+      return [float(sum(1 for t in c if t == reward_id)) for c in completion_ids]
+
+    o = common.OPTIM
+    args = trl.GRPOConfig(
+        output_dir=folder, per_device_train_batch_size=prompts_per_step * group, num_generations=group,
+        max_completion_length=new_tokens, temperature=1.0, top_p=1.0, top_k=0, beta=beta, epsilon=0.2,
+        loss_type='grpo', scale_rewards='group', num_iterations=1, learning_rate=o['lr'], adam_beta1=o['b1'],
+        adam_beta2=o['b2'], adam_epsilon=o['eps'], weight_decay=o['weight_decay'], max_grad_norm=o['grad_clip'],
+        lr_scheduler_type='constant', warmup_steps=0, bf16=False, fp16=False, gradient_checkpointing=False,
+        logging_strategy='no', report_to='none', save_strategy='no', max_steps=10 ** 6, disable_tqdm=True,
+        use_cpu=True, dataloader_num_workers=0, seed=seed, log_completions=False, shuffle_dataset=False)
+    permits, times = threading.Semaphore(0), queue.Queue()
+
+    class Pace(transformers.TrainerCallback):
+
+      def on_step_begin(self, *a, **k):
+        permits.acquire()
+        self.t0 = time.perf_counter()
+
+      def on_step_end(self, *a, **k):
+        times.put(time.perf_counter() - self.t0)
+
+    trainer = trl.GRPOTrainer(model=folder, reward_funcs=count_reward, args=args, train_dataset=data,
+                              processing_class=tok, callbacks=[Pace()])
+    worker = threading.Thread(target=trainer.train, daemon=True)
+    worker.start()
+
+    def run(steps):
+      for _ in range(steps):
+        permits.release()
+      return [common.next_time(times, worker) for _ in range(steps)]
+
+    t0 = time.perf_counter()
+    run(1)
+    self.run_steps = run
+    self.run_once = lambda: run(1)
+    return {'compile_s': None, 'first_steps_s': time.perf_counter() - t0, 'check': check,
+            'peer': f'TRL {trl.__version__} GRPOTrainer'}
+
   def setup(self, workload, **kw):
     common.check_cpus()
     if torch.get_num_threads() != common.THREADS:
@@ -148,10 +227,14 @@ class Worker:
     res = getattr(self, f'setup_{workload}')(**kw)
     self.run_once()
     res['framework'] = f'PyTorch {torch.__version__}, transformers {transformers.__version__}'
+    if 'peer' in res:
+      res['framework'] = f"{res.pop('peer')}, {res['framework']}"
     res['cpus'] = PIN['cpus']
     return res
 
   def time(self, steps):
+    if self.run_steps is not None:  # paced trainer: times measured inside, by its callback
+      return {'times': self.run_steps(steps)}
     return {'times': common.timed(self.run_once, steps)}
 
 

@@ -29,8 +29,9 @@ class WordTokenizer:
   def __init__(self, vocab: int):
     self.vocab = vocab
 
-  def encode(self, text: str, **_) -> list[int]:
-    return [int(w[1:]) for w in text.split()]
+  def encode(self, text, **_) -> list[int]:
+    text = text.item() if isinstance(text, np.ndarray) else text  # the learner passes numpy strings
+    return [int(w[1:]) for w in str(text).split()]
 
   def decode(self, ids, **_) -> str:
     return ' '.join(f't{int(i)}' for i in ids)
@@ -89,6 +90,7 @@ class Worker:
 
   def __init__(self):
     self.run_once = None
+    self.run_steps = None
 
   def setup_generate(self, size, rows, prompt_len, new_tokens, top_p=1.0, seed=0, **_):
     s = common.shape(size)
@@ -115,17 +117,90 @@ class Worker:
     self.run_once = once
     return {'compile_s': time.perf_counter() - t0, 'compile_note': 'first call (compile + one run)', 'check': check}
 
+  def setup_grpo(self, size, prompts_per_step, group, prompt_len, new_tokens, beta, reward_token, seed=0, **_):
+    """Tunix's GRPOLearner on an RLCluster (vanilla rollout, one CPU mesh), paced by its data iterator."""
+    import queue
+    import threading
+
+    import optax
+    from tunix.rl import rl_cluster as rl_cluster_lib
+    from tunix.rl.grpo import grpo_learner
+    from tunix.rl.rollout import base_rollout
+
+    s = common.shape(size)
+    w = common.init_weights(s, seed, lm_head=True)
+    actor, reference = build(s, w), build(s, w)
+    prompt = common.prompts(s, prompts_per_step, prompt_len, seed + 300)
+    check = [prompt_nll(actor, prompt)]
+    tok = WordTokenizer(s.vocab)
+    # With jax 0.10, make_mesh defaults to Explicit axes, on which Tunix's first rollout fails.
+    mesh = jax.make_mesh((1, 1), ('fsdp', 'tp'), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    o = common.OPTIM
+    opt = optax.chain(optax.clip_by_global_norm(o['grad_clip']),
+                      optax.adamw(o['lr'], b1=o['b1'], b2=o['b2'], eps=o['eps'], weight_decay=o['weight_decay']))
+    training = rl_cluster_lib.RLTrainingConfig(actor_optimizer=opt, eval_every_n_steps=10 ** 9, max_steps=10 ** 6)
+    rollout = base_rollout.RolloutConfig(max_tokens_to_generate=new_tokens, max_prompt_length=prompt_len,
+                                         kv_cache_size=prompt_len + new_tokens + 8, temperature=1.0, top_p=1.0,
+                                         top_k=None, eos_tokens=[tok.eos_id()])
+    roles = rl_cluster_lib.Role
+    cluster = rl_cluster_lib.RLCluster(
+        actor=actor, reference=reference, tokenizer=tok,
+        cluster_config=rl_cluster_lib.ClusterConfig(
+            role_to_mesh={roles.ACTOR: mesh, roles.REFERENCE: mesh, roles.ROLLOUT: mesh}, rollout_engine='vanilla',
+            offload_to_cpu=False, training_config=training, rollout_config=rollout))
+    algo = grpo_learner.GRPOConfig(num_generations=group, num_iterations=1, beta=beta, epsilon=0.2,
+                                   loss_agg_mode='sequence-mean-token-mean')
+    word = f't{int(reward_token)}'
+
+    def count_reward(prompts, completions, **_):
+      lengths = {len(c.split()) for c in completions}
+      if lengths != {new_tokens}:
+        raise RuntimeError(f'Tunix completions have lengths {sorted(lengths)}, expected {new_tokens}.')
+      return [float(c.split().count(word)) for c in completions]
+
+    learner = grpo_learner.GRPOLearner(rl_cluster=cluster, algo_config=algo, reward_fns=[count_reward])
+    texts = [text(r) for r in prompt]
+    permits, times = threading.Semaphore(0), queue.Queue()
+
+    def batches():
+      # The learner asks for batch i + 1 when it is done with batch i: the gap is one iteration.
+      last = None
+      while True:
+        if last is not None:
+          times.put(time.perf_counter() - last)
+        permits.acquire()
+        last = time.perf_counter()
+        yield {'prompts': np.array(texts)}  # one leaf: the learner tree-maps np.repeat over the batch
+
+    worker = threading.Thread(target=learner.train, args=(batches(),), daemon=True)
+    worker.start()
+
+    def run(steps):
+      for _ in range(steps):
+        permits.release()
+      return [common.next_time(times, worker) for _ in range(steps)]
+
+    permits.release()  # the learner reads one batch ahead of the first step to size its batches
+    t0 = time.perf_counter()
+    run(1)
+    self.run_steps = run
+    self.run_once = lambda: run(1)
+    return {'compile_s': time.perf_counter() - t0, 'compile_note': 'first iteration (compile + one run)',
+            'check': check, 'peer': 'GRPOLearner'}
+
   def setup(self, workload, **kw):
     common.check_cpus()
     res = getattr(self, f'setup_{workload}')(**kw)
     self.run_once()
     import tunix  # noqa
     from importlib import metadata
-    res['framework'] = f'Tunix {metadata.version("google-tunix")} (jax {jax.__version__})'
+    res['framework'] = f'Tunix {metadata.version("google-tunix")} {res.pop("peer", "")} (jax {jax.__version__})'
     res['cpus'] = PIN['cpus']
     return res
 
   def time(self, steps):
+    if self.run_steps is not None:  # paced learner: times measured between its batch requests
+      return {'times': self.run_steps(steps)}
     return {'times': common.timed(self.run_once, steps)}
 
 
