@@ -1,66 +1,101 @@
 """All 8-device checks in one process (run by test_multidevice.py with 8 forced CPU devices).
 
-Prints one JSON object: for each mesh, the RM step's loss and the single-device loss, and the
-largest share of the parameter bytes any one device holds.
+Prints one JSON object with, for each `data x fsdp x tensor` mesh: the RM step's losses (three
+steps, the third after the state of step 2 was saved on the 2x4x1 mesh and restored onto this
+one), whether the restored arrays equal the saved ones, and the largest share of the parameter
+bytes any one device holds; the same for one device; greedy samples on one device and on the
+meshes; and the per-device parameter bytes of the `small` LM on several 8-device meshes
+(from the shardings alone, nothing allocated).
 """
 import json
 import os
+import pathlib
 import sys
+import tempfile
 
 assert 'jax' not in sys.modules
 os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from rmjax import config as C  # noqa: E402
-from rmjax import objectives, parallel  # noqa: E402
-from rmjax.models import partitioning  # noqa: E402
+from rmjax import parallel  # noqa: E402
+from rmjax.models import partitioning, sampling, transformer  # noqa: E402
 from rmjax.models.config import get_size  # noqa: E402
-from rmjax.models.reward_model import RewardModel  # noqa: E402
-from rmjax.train import optim, rm_trainer  # noqa: E402
-from rmjax.train import state as state_lib  # noqa: E402
+from rmjax.train import checkpoint  # noqa: E402
+
+import rm_case  # noqa: E402
+
+MESHES = ((2, 4, 1), (1, 8, 1), (8, 1, 1), (1, 4, 2))
 
 
-def batch(b=16, t=32, seed=0):
-  rng = np.random.default_rng(seed)
-  lens = rng.integers(8, t + 1, (2, b))
-  masks = [np.arange(t)[None] < lens[i][:, None] for i in range(2)]
-  return dict(chosen_tokens=np.where(masks[0], rng.integers(3, 512, (b, t)), 0).astype(np.int32),
-              rejected_tokens=np.where(masks[1], rng.integers(3, 512, (b, t)), 0).astype(np.int32),
-              chosen_mask=masks[0], rejected_mask=masks[1], weight=np.ones(b, np.float32),
-              index=np.arange(b, dtype=np.int64))
+def rm_runs(ckpt_dir):
+  """Losses of steps 1, 2 on each mesh, then step 3 from the 2x4x1 mesh's saved step 2."""
+  out = {}
+  single = rm_case.Case(parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+  state, losses = single.run(single.fresh(), 3)
+  out['single'] = {'losses': losses, 'max_share': rm_case.param_share(state.params)[0]}
+  saved = None
+  for shape in MESHES:
+    case = rm_case.Case(parallel.make_mesh(*shape))
+    state, losses = case.run(case.fresh(), 2)
+    if saved is None:
+      with checkpoint.Checkpointer(ckpt_dir) as ckpt:
+        ckpt.save(2, state, {})
+      saved = [np.asarray(x) for x in jax.tree.leaves(state)]
+    with checkpoint.Checkpointer(ckpt_dir) as ckpt:
+      restored, _, _ = ckpt.restore(case.target)
+    equal = all(np.array_equal(a, np.asarray(b)) for a, b in zip(saved, jax.tree.leaves(restored)))
+    placed = jax.tree.map(lambda x: x.sharding, restored) == case.shardings
+    share, ndev = rm_case.param_share(restored.params)
+    _, more = case.run(restored, 1)
+    out['x'.join(map(str, shape))] = {'losses': losses + more, 'restored_equal': equal, 'restored_placed': placed,
+                                      'max_share': share, 'devices': ndev}
+  return out
 
 
-def rm_run(mesh, steps=2):
-  rm = RewardModel(get_size('tiny'), num_members=2, kind='full')
-  opt = rm_trainer.per_member(optim.make_optimizer(C.optim(lr=1e-2, warmup_steps=0), 10))
-  init = lambda rng: state_lib.create(rm.init(rng), opt, rng)
-  rng = jax.random.key(0)
-  abstract = jax.eval_shape(init, rng)
-  shardings = state_lib.shardings(abstract, partitioning.logical_axes(abstract.params), opt, mesh)
-  state = jax.jit(init, out_shardings=shardings)(rng)
-  step = rm_trainer.make_train_step(rm, opt, objectives.get('bradley_terry'), state_shardings=shardings)
-  losses = []
-  for s in range(steps):
-    state, m = step(state, parallel.global_batch(batch(seed=s), mesh))
-    losses.append(float(m['loss']))
-  total = sum(x.nbytes for x in jax.tree.leaves(state.params))
-  per_device = {}
-  for x in jax.tree.leaves(state.params):
-    for shard in x.addressable_shards:
-      per_device[shard.device.id] = per_device.get(shard.device.id, 0) + shard.data.nbytes
-  return losses, max(per_device.values()) / total, len(per_device)
+def sample_runs():
+  """Greedy samples of a `tiny` LM: one device vs the meshes (params and prompts sharded)."""
+  cfg = get_size('tiny')
+  params = transformer.init_lm(jax.random.key(1), cfg)
+  rng = np.random.default_rng(0)
+  lens = rng.integers(3, 9, 16)
+  mask = np.arange(8)[None] >= (8 - lens)[:, None]
+  tokens = np.where(mask, rng.integers(3, 512, (16, 8)), 0).astype(np.int32)
+  fn = jax.jit(lambda p, t, m: sampling.sample(p, cfg, t, m, jax.random.key(0), max_new_tokens=8,
+                                               temperature=0.0))
+  out = {'single': np.asarray(fn(params, tokens, mask).tokens).tolist()}
+  for shape in ((2, 4, 1), (1, 4, 2)):
+    mesh = parallel.make_mesh(*shape)
+    placed = jax.device_put(params, parallel.tree_shardings(params, partitioning.logical_axes(params), mesh))
+    batch = parallel.global_batch({'t': tokens, 'm': mask}, mesh)
+    out['x'.join(map(str, shape))] = np.asarray(fn(placed, batch['t'], batch['m']).tokens).tolist()
+  return out
+
+
+def small_param_bytes():
+  """Per-device parameter bytes of the `small` LM on 8 devices, from the shardings alone."""
+  cfg = get_size('small')
+  abstract = jax.eval_shape(lambda: transformer.init_lm(jax.random.key(0), cfg))
+  axes = partitioning.logical_axes(abstract)
+  total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
+  out = {'total': total}
+  for shape in ((8, 1, 1), (2, 4, 1), (1, 8, 1), (1, 4, 2), (1, 1, 8)):
+    mesh = parallel.make_mesh(*shape)
+    shardings = parallel.tree_shardings(abstract, axes, mesh)
+    per_device = sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize
+                     for x, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)))
+    out['x'.join(map(str, shape))] = per_device
+  return out
 
 
 def main():
   assert jax.device_count() == 8, jax.devices()
-  out = {}
-  single, share1, _ = rm_run(parallel.make_mesh(1, 1, devices=jax.devices()[:1]))
-  out['single'] = {'losses': single, 'max_share': share1}
-  for data, fsdp in ((2, 4), (1, 8), (8, 1)):
-    losses, share, ndev = rm_run(parallel.make_mesh(data, fsdp))
-    out[f'{data}x{fsdp}'] = {'losses': losses, 'max_share': share, 'devices': ndev}
+  with tempfile.TemporaryDirectory() as tmp:
+    out = {'rm': rm_runs(pathlib.Path(tmp) / 'checkpoints')}
+  out['samples'] = sample_runs()
+  out['small_param_bytes'] = small_param_bytes()
   print(json.dumps(out))
 
 
