@@ -203,8 +203,8 @@ def run(config, workdir: str) -> dict:
   paths = sorted(members[0].values)
   values = {p: jnp.asarray([m.values[p] for m in members], jnp.float32) for p in paths}
   vary_lr = LR in paths
-  optimizer = (lr_optimizer(config.optim, setup.total_updates) if vary_lr
-               else optim.make_optimizer(config.optim, setup.total_updates))
+  total = trainer.total_updates(config)
+  optimizer = lr_optimizer(config.optim, total) if vary_lr else optim.make_optimizer(config.optim, total)
   objective = objectives.build(config.objective)
   fresh = setup.base_params is None and len({m.seed for m in members}) > 1
   if setup.base_params is None and not fresh:

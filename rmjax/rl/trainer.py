@@ -185,7 +185,6 @@ class Setup(NamedTuple):
   batches: PromptBatches
   held_out: dict[str, np.ndarray]
   mesh: Any
-  total_updates: int
 
 
 def build(config) -> Setup:
@@ -217,7 +216,12 @@ def build(config) -> Setup:
       batches=PromptBatches(tokens[:n_train], mask[:n_train], int(config.data.prompts_per_iteration)),
       held_out=dict(prompt_tokens=tokens[n_train:], prompt_mask=mask[n_train:],
                     prompt_ids=np.arange(n_train, len(texts), dtype=np.int32)),
-      mesh=mesh, total_updates=int(config.train.steps) * int(config.rl.epochs) * int(config.rl.minibatches))
+      mesh=mesh)
+
+
+def total_updates(config) -> int:
+  """Optimizer steps of a run: iterations × epochs × minibatches (the schedules' length)."""
+  return int(config.train.steps) * int(config.rl.epochs) * int(config.rl.minibatches)
 
 
 def initial_policy(setup: Setup, seed: int | jax.Array) -> Any:
@@ -256,7 +260,7 @@ def run(config, workdir: str) -> dict:
   setup = build(config)
   seed = int(config.seed)
   policy_params = jax.jit(lambda: initial_policy(setup, seed))() if setup.base_params is None else setup.base_params
-  optimizer = optim.make_optimizer(config.optim, setup.total_updates)
+  optimizer = optim.make_optimizer(config.optim, total_updates(config))
   objective = objectives.build(config.objective)
   fns = it.make_functions(setup.policy_cfg, config.objective, setup.settings, setup.scorer, optimizer,
                           value_config=setup.value_cfg, gold_scorer=setup.gold_scorer)

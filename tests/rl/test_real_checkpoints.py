@@ -71,3 +71,36 @@ def test_dpo_from_the_rl_policy_on_the_reward_model_jobs_pairs(world, rl_run, tm
   start, _, _ = trainer.load_policy(str(rl_run / 'checkpoints'))
   for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(state['params']['policy'])):
     np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_score_job_rescores_saved_policies_and_rollouts(world, rl_run, tmp_path):
+  from rmjax.rl import score
+  config = score.get_config('test')
+  config.reward.path = str(world / 'rm' / 'checkpoints')
+  config.gold.path = str(world / 'gold')
+  config.score.update(policies=f'{rl_run}/checkpoints,{world}/policy/checkpoints',
+                      reference=str(world / 'policy' / 'checkpoints'), rollouts=str(rl_run / 'rollouts'))
+  rows = score.run(config, tmp_path / 'same')
+  rl_policy, base_policy, *files = rows
+  # The RL policy re-scored with the run's own reward model, prompts and keys reproduces the run's
+  # last held-out evaluation (same program, same inputs): within 1e-5.
+  final = read_metrics(rl_run / 'metrics.jsonl')[-1]
+  for k in ('reward/raw', 'reward/gold', 'kl/exact', 'response_length'):
+    assert rl_policy[k] == pytest.approx(final[f'eval/{k}'], abs=1e-5), k
+  assert base_policy['kl/exact'] == 0.0 and rl_policy['kl/exact'] > 0
+  # The saved rollouts re-scored by the same models give their saved scores back.
+  saved = [json.loads(l) for l in (rl_run / 'rollouts' / '2.jsonl').read_text().splitlines()]
+  last = files[-1]
+  assert last['step'] == 2 and last['reward/raw'] == pytest.approx(np.mean([r['scores'] for r in saved]), abs=1e-5)
+  assert last['reward/gold'] == pytest.approx(np.mean([r['gold'] for r in saved]), abs=1e-5)
+  # Another objective on the same rollouts: the worst-case member (WCO) of the normalized scores.
+  config.objective.reward = 'min'
+  config.score.policies = ''
+  (*_, rescored) = score.run(config, tmp_path / 'wco')
+  _, meta = checkpoint.load(world / 'rm' / 'checkpoints')
+  z = (np.array([r['scores'] for r in saved]) - meta['normalization']['mean']) / meta['normalization']['std']
+  assert rescored['reward/transformed'] == pytest.approx(z.min(1).mean(), abs=1e-5)
+  table = (tmp_path / 'wco' / 'scores.md').read_text()
+  assert '2.jsonl' in table and 'reward/transformed' in table
+  per_row = (tmp_path / 'wco' / 'rescored').iterdir()
+  assert len([json.loads(l) for f in per_row if f.name.endswith('_2.jsonl') for l in f.read_text().splitlines()]) == len(saved)
