@@ -60,6 +60,7 @@ class Worker:
 
   def __init__(self):
     self.run_once = None
+    self.runs = {}
 
   def _compile(self, fn, *args):
     t0 = time.perf_counter()
@@ -125,20 +126,28 @@ class Worker:
     return {'compile_s': compile_s, 'check': check, 'framework': f'rmjax (jax {jax.__version__})'}
 
   # --------------------------------------------------------------------------- GRPO iteration
-  def setup_grpo(self, size, prompts_per_step, group, prompt_len, new_tokens, beta, reward_token, seed=0, **_):
-    cfg = model_config(size)
+  def setup_grpo(self, size, prompts_per_step, group, prompt_len, new_tokens, beta, reward_token, seed=0,
+                 scorer_members=0, **_):
+    cfg = model_config(size, max_len=max(1024, prompt_len + new_tokens))
     s = common.shape(size)
     policy = nest(common.init_weights(s, seed, lm_head=True))
     section = ml_collections.ConfigDict({
         'reward': 'mean', 'advantage': 'grpo', 'grpo': {'group_size': group},
         'loss': 'ppo_clip,kl_k3', 'kl_k3': {'coef': beta}, 'reduction': 'seq_mean_token_mean'})
     settings = rl.Settings(group_size=group, max_new_tokens=new_tokens, temperature=1.0, epochs=1, minibatches=1)
-    scorer = lambda _, tokens, mask: ((tokens == reward_token) & mask).sum(-1).astype(jnp.float32)[None]
+    if scorer_members:  # a full reward-model ensemble of the policy's shape scores the rollouts
+      rm = RewardModel(cfg, num_members=scorer_members)
+      reward_params = ensemble.stack([nest(common.init_weights(s, seed + 50 + k, lm_head=False, reward_heads=1))
+                                      for k in range(scorer_members)])
+      scorer = rm.apply
+    else:  # the toy reward of the peers: count of `reward_token`
+      reward_params = ()
+      scorer = lambda _, tokens, mask: ((tokens == reward_token) & mask).sum(-1).astype(jnp.float32)[None]
     opt = optimizer()
     objective = objectives.build(section)
     it = rl.make_iteration(cfg, section, settings, scorer, opt)
     state = rl.init_state(rl.init_params(jax.random.key(1), policy, None), opt, jax.random.key(seed), objective)
-    frozen = rl.Frozen(ref_params=policy, reward_params=())
+    frozen = rl.Frozen(ref_params=policy, reward_params=reward_params)
     prompt = common.prompts(s, prompts_per_step, prompt_len, seed + 300)
     batch = jax.device_put({'prompt_tokens': prompt, 'prompt_mask': np.ones_like(prompt, bool)})
     lp = sampling.token_logprobs(policy, cfg, jnp.asarray(prompt), jnp.ones_like(prompt, bool))
@@ -165,16 +174,19 @@ class Worker:
     self.run_once = lambda: compiled(a, b).block_until_ready()
     return {'compile_s': compile_s, 'check': [], 'framework': f'XLA dot (jax {jax.__version__})'}
 
-  def setup(self, workload, **kw):
+  def setup(self, workload, key=None, **kw):
+    """Builds, compiles and warms up `workload`; with `key`, keeps it beside earlier ones for `time(key=...)`."""
     common.check_cpus()
     res = getattr(self, f'setup_{workload}')(**kw)
     self.run_once()  # one more warm-up call, excluded
+    if key is not None:
+      self.runs[key] = self.run_once
     res['devices'] = [str(d) for d in jax.devices()]
     res['cpus'] = PIN['cpus']
     return res
 
-  def time(self, steps):
-    return {'times': common.timed(self.run_once, steps)}
+  def time(self, steps, key=None):
+    return {'times': common.timed(self.run_once if key is None else self.runs[key], steps)}
 
 
 if __name__ == '__main__':
