@@ -41,7 +41,7 @@ SWEEP_FILE = 'sweep.jsonl'
 TABLE_FILE = 'sweep.md'
 LOG_FILE = 'log.txt'
 _PR_SET_PDEATHSIG = 1
-_ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 @dataclasses.dataclass
@@ -109,7 +109,7 @@ def point_command(spec: str, workdir: pathlib.Path, p: Point, fixed: Sequence[st
 
 def _start(cmd: list[str], log_path: pathlib.Path) -> subprocess.Popen:
   log_path.parent.mkdir(parents=True, exist_ok=True)
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(_ROOT), os.environ.get('PYTHONPATH')])))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')])))
   with open(log_path, 'a') as log:
     log.write(f'\n=== launch.local start {time.strftime("%Y-%m-%d %H:%M:%S")}: {" ".join(cmd)}\n')
     log.flush()

@@ -3,10 +3,11 @@
 Runs the job of `config.job` exactly as `python -m rmjax.main` does (the same `--config` and
 `--config.a.b=v` flags), with the point's overrides (a JSON dict of dotted keys) applied on
 top, and writes `DIR/result.json` (the point's final metrics, see `final_metrics`) when the
-job returns: the marker the launchers use to skip finished points. `jax.distributed` is
+job returns: the marker the launchers use to skip finished points. A run stopped by SIGTERM /
+SIGUSR2 after writing its checkpoint exits with `PREEMPTED_EXIT_CODE` (75). `jax.distributed` is
 initialised first from the environment (`rmjax.parallel.initialize_from_env`: SLURM, submitit,
 a TPU pod, or `RMJAX_COORDINATOR_ADDRESS` ...). A rerun in the same
-workdir resumes the job from its own checkpoints. Process 0 writes the result; with
+workdir resumes the job from its own checkpoints. Every process writes the (same) result; with
 `--lock` (the default) the process holds an exclusive lock on `DIR/.lock` while it runs, so a
 restarted runner's new process waits for a dying old one to finish writing its checkpoint.
 """
@@ -29,11 +30,13 @@ from absl import logging as absl_logging
 from rmjax import config as config_lib
 from rmjax import main as rmjax_main  # defines the --config and --workdir flags
 from rmjax import parallel
+from rmjax.train import loop
 
 from launch import sweep
 
 RESULT_FILE = 'result.json'
 LOCK_FILE = '.lock'
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: a signal stopped the job after a checkpoint; rerun to resume
 
 _OVERRIDES = flags.DEFINE_string('overrides', '{}', 'JSON dict of dotted config keys -> values for this point.')
 _LOCK = flags.DEFINE_bool('lock', True, 'Hold an exclusive lock on WORKDIR/.lock while running.')
@@ -116,8 +119,9 @@ def main(argv) -> None:
   workdir = pathlib.Path(flags.FLAGS.workdir)
   lock = exclusive_lock(workdir / LOCK_FILE) if _LOCK.value else contextlib.nullcontext()
   with lock:
-    metrics = run_point(config, workdir, write_result=jax.process_index() == 0)
-  print(json.dumps({'result': metrics}, sort_keys=True))
+    # Every process writes the same result (atomically): on a pod each worker has its own disk.
+    metrics = run_point(config, workdir)
+  print(json.dumps({'result': metrics, 'process_index': jax.process_index()}, sort_keys=True))
 
 
 def run() -> None:
@@ -125,6 +129,9 @@ def run() -> None:
     app.run(main)
   except config_lib.ConfigError as e:
     sys.exit(f'error: {e}')
+  except loop.Preempted as e:
+    print(f'preempted: {e}', file=sys.stderr)
+    sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == '__main__':
