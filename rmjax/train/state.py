@@ -47,7 +47,7 @@ def optimizer_shardings(optimizer: optax.GradientTransformation, abstract_opt_st
 
 def state_shardings(abstract_state, optimizer: optax.GradientTransformation, mesh: Mesh, *, param_axes=None,
                     params: str = 'params', opt_state: str = 'opt_state',
-                    rules: Mapping[str, str | None] = parallel.RULES):
+                    rules: Mapping[str, parallel.MeshAxes] = parallel.RULES):
   """NamedShardings for any state NamedTuple (`TrainState`, the RL state, ...).
 
   The field `params` is sharded by its logical axes (`param_axes`, default
@@ -69,7 +69,7 @@ def state_shardings(abstract_state, optimizer: optax.GradientTransformation, mes
 
 
 def shardings(abstract_state: TrainState, param_axes, optimizer: optax.GradientTransformation,
-              mesh: Mesh, *, rules: Mapping[str, str | None] = parallel.RULES) -> TrainState:
+              mesh: Mesh, *, rules: Mapping[str, parallel.MeshAxes] = parallel.RULES) -> TrainState:
   """NamedShardings for a `TrainState`: params (and their optimizer moments) by logical axes, the rest replicated."""
   return state_shardings(abstract_state, optimizer, mesh, param_axes=param_axes, rules=rules)
 

@@ -1,0 +1,50 @@
+"""Logical-axis rules on an abstract 2 x 4 x 2 mesh (no devices needed)."""
+import jax
+import pytest
+from jax.sharding import AbstractMesh, PartitionSpec as P
+
+from rmjax import parallel
+from rmjax.models import transformer
+from rmjax.models.config import get_size
+
+MESH = AbstractMesh((2, 4, 2), parallel.MESH_AXES)
+
+
+@pytest.mark.parametrize('shape,names,spec', [
+    ((512, 64), ('vocab', 'embed'), P('tensor', 'fsdp')),        # token table: Megatron vocab split + FSDP
+    ((64, 128), ('embed', 'qkv'), P('fsdp', 'tensor')),
+    ((64, 64), ('heads', 'embed'), P('tensor', 'fsdp')),
+    ((2, 64, 344), ('ensemble', 'embed', 'mlp'), P(None, 'fsdp', 'tensor')),
+    ((64,), ('norm',), P(None)),
+    ((16, 32), ('batch', None), P(('data', 'fsdp'), None)),
+    ((2, 32), ('batch', None), P('data', None)),                 # 4 does not divide the rest: data only
+    ((3, 343), ('batch', 'mlp'), P(None, None)),                 # nothing divides: replicated
+    ((64, 64), ('embed', 'embed'), P('fsdp', None)),             # an axis is used once per array
+])
+def test_spec_for(shape, names, spec):
+  assert parallel.spec_for(shape, names, MESH) == spec
+
+
+def test_unknown_logical_name_raises():
+  with pytest.raises(ValueError, match="no sharding rule for the logical axis 'heads_typo'"):
+    parallel.spec_for((4,), ('heads_typo',), MESH)
+
+
+def test_kv_cache_rows_over_batch_axes_and_kv_heads_over_tensor():
+  cache = jax.eval_shape(lambda: transformer.init_cache(get_size('tiny'), 16, 40))
+  sh = parallel.kv_cache_shardings(cache, MESH)
+  assert all(s.spec == P(('data', 'fsdp'), None, 'tensor', None) for s in sh.k + sh.v)
+  assert sh.valid.spec == P(('data', 'fsdp'), None) and sh.index.spec == P()
+
+
+@pytest.mark.parametrize('sizes,shape', [((-1, 1, 1), (8, 1, 1)), ((2, -1, 2), (2, 2, 2)), ((1, 4, 2), (1, 4, 2))])
+def test_make_mesh_sizes(sizes, shape):
+  # One CPU device listed 8 times: only the count matters to the size arithmetic.
+  assert tuple(parallel.make_mesh(*sizes, devices=jax.devices() * 8).shape.values()) == shape
+
+
+def test_make_mesh_misfit_names_the_fix():
+  with pytest.raises(ValueError, match='product is 8'):
+    parallel.make_mesh(3, 1, 1, devices=jax.devices() * 8)
+  with pytest.raises(ValueError, match='at most one of data, fsdp, tensor may be -1'):
+    parallel.make_mesh(-1, -1, 1, devices=jax.devices() * 8)
