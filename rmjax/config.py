@@ -119,5 +119,5 @@ def model_config(section: ml_collections.ConfigDict, **fixed: Any) -> ModelConfi
 
 
 def mesh() -> ml_collections.ConfigDict:
-  """Device mesh `data x fsdp`; the product must be the device count, -1 takes what is left."""
-  return ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  """Device mesh `data x fsdp x tensor`; the product must be the device count, -1 takes what is left."""
+  return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

@@ -14,6 +14,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from rmjax import config as config_lib
+from rmjax import parallel
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/rm.py:tiny.',
                                           lock_config=True)
@@ -39,6 +40,7 @@ def resolve_job(job: str):
 def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and TFDS log every file at INFO
+  parallel.initialize_from_env()  # jax.distributed on a pod / SLURM / submitit; a no-op on one process
   config = _CONFIG.value
   job = resolve_job(config.job)
   if _REDO.value:
