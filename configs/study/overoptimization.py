@@ -24,6 +24,9 @@ def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
   c.world = rm_world.world_config()
   # 2. Preference pairs from the base policy, labeled by the gold's ordering, 25% flipped (Coste et al.).
   c.data = rm_world.data_config(flip_prob=0.25)
+  # 1024 pairs put the proxies' agreement with the gold's noiseless ordering at 0.67-0.79 (seed 0),
+  # inside the 65-85% of Gao et al.'s setting; 4096 pairs give 0.84-0.86.
+  c.data.num_train = 1024
 
   # 3. Proxy reward models: a K-member finetune-seed ensemble on the policy's pretrained backbone;
   # the single proxy is its member 0 (trained exactly as alone: the optimizer runs per member).
