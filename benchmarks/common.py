@@ -170,9 +170,11 @@ def grpo_flops(s: Shape, rows: int, prompt_len: int, new_tokens: int, epochs: in
   return generate_flops(s, rows, prompt_len, new_tokens) + fwd + 3 * epochs * fwd
 
 
-def largest_matmul(s: Shape, tokens: int) -> tuple[int, int, int]:
-  """(M, K, N) of the largest dot of a step over `tokens` rows: the fused gate_up or the LM head."""
+def largest_matmul(s: Shape, tokens: int, lm_head: bool = False) -> tuple[int, int, int]:
+  """(M, K, N) of the largest dot of a step over `tokens` rows: the fused gate_up, qkv or LM head."""
   cands = [(tokens, s.width, 2 * s.mlp), (tokens, s.width, (s.heads + 2 * s.kv_heads) * s.head_dim)]
+  if lm_head:
+    cands.append((tokens, s.width, s.vocab))
   return max(cands, key=lambda m: m[0] * m[1] * m[2])
 
 

@@ -13,13 +13,15 @@ def _ms(x: float) -> str:
 def markdown(report: dict) -> str:
   m = report['machine']
   lines = [f'Machine: {m["cpu"]}, {m["cores"]} cores, {m["threads_per_framework"]} threads per framework; '
-           f'load average {report["load_start"]:.1f} at start, {report.get("load_end", float("nan")):.1f} at end.',
-           '', 'XLA fp32 dot rate measured in this run: ' + ', '.join(
-               f'{k} {v["shape"][0]}×{v["shape"][1]}×{v["shape"][2]} = {v["gflops_per_s"]:.0f} GFLOP/s'
-               for k, v in report['dots'].items()), '',
-           '| workload | framework | median ms [p25–p75] | tokens/s | GFLOP/s (of dot / of 2048²) | compile s | '
-           'peak RSS MB | rmjax speed-up [per-round range] |',
-           '|---|---|---|---|---|---|---|---|']
+           f'load average {report["load_start"]:.1f} at start, {report.get("load_end", float("nan")):.1f} at end '
+           '(per workload: ' + ', '.join(f'{w["load_before"]:.1f}' for w in report['workloads']) + ').',
+           '', 'GFLOP/s are analytic model FLOPs per second; "of dot" divides them by XLA\'s fp32 dot rate at the '
+           'step\'s largest matmul shape and "of 2048²" by a 2048³ dot, both timed after each rmjax round of '
+           'the same workload (rates in the dot column). Speed-up = peer time / rmjax time (median of the '
+           'per-round ratios, [min–max]).', '',
+           '| workload | framework | median ms [p25–p75] | tokens/s | GFLOP/s (of dot / of 2048²) | dot GFLOP/s: '
+           'step shape, 2048² | compile s | peak RSS MB | rmjax speed-up |',
+           '|---|---|---|---|---|---|---|---|---|']
   for w in report['workloads']:
     for f, r in w['frameworks'].items():
       tok = f'{r["tokens_per_s"]:.0f}' if 'tokens_per_s' in r else '–'
@@ -28,8 +30,12 @@ def markdown(report: dict) -> str:
       comp = f'{r["compile_s"]:.1f}' if r.get('compile_s') is not None else '–'
       s = r.get('speedup_vs_rmjax')
       sp = f'**{s["median"]:.2f}×** [{s["min"]:.2f}–{s["max"]:.2f}]' if s else ''
+      dots = ''
+      if f == 'rmjax' and 'dots' in w:
+        st, sq = w['dots']['step'], w['dots']['square_2048']
+        dots = f'{st["gflops_per_s"]:.0f} ({"×".join(map(str, st["shape"]))}), {sq["gflops_per_s"]:.0f}'
       lines.append(f'| {w["name"]} | {r["framework"]} | {_ms(r["median_s"])} [{_ms(r["p25_s"])}–{_ms(r["p75_s"])}] | '
-                   f'{tok} | {fl} | {comp} | {r["peak_rss_mb"]:.0f} | {sp} |')
+                   f'{tok} | {fl} | {dots} | {comp} | {r["peak_rss_mb"]:.0f} | {sp} |')
   for e in report.get('errors', []):
     lines.append(f'\nFAILED {e["workload"]}: {e["error"]}')
   sc = report.get('scaling')

@@ -12,8 +12,8 @@ orchestrator then
      round being several steps of one framework while the others wait;
   4. reports per framework the median step time, its spread (25th–75th percentile, min),
      tokens/s, peak RSS, compile time, model FLOP/s (analytic, `common.*_flops`) as a fraction
-     of XLA's dot rate at the step's largest matmul shape and of a 2048² dot measured in the
-     same run, and the speed-up peer time / rmjax time (median and range of the per-round
+     of XLA's dot rate at the step's largest matmul shape and of a 2048² dot, both timed in the
+     rmjax worker after each of its rounds (so under the same load), and the speed-up peer time / rmjax time (median and range of the per-round
      ratios, which cancels most of the drift of a shared machine).
 
 Results are printed and written to `benchmarks/results/<time>.json` (and `latest.json`).
@@ -111,6 +111,8 @@ def run_workload(w: dict, frameworks: list[str], args, log_dir: Path) -> dict:
     for f in frameworks:
       procs[f] = Proc(f, log_dir)
       setup[f] = procs[f].call('setup', **w['params'])
+    procs['rmjax'].call('setup_dots', shapes={'step': list(w['matmul']), 'square_2048': [SQUARE] * 3})
+    dot_times = {'step': [], 'square_2048': []}
     ref = setup['rmjax']['check']
     tols = CHECK_TOL[w['params']['workload']]
     checks = {}
@@ -130,12 +132,17 @@ def run_workload(w: dict, frameworks: list[str], args, log_dir: Path) -> dict:
         res = procs[f].call('time', steps=steps[f])
         rounds[f].append(res['times'])
         setup[f]['peak_rss_mb'] = res['peak_rss_mb']
+        if f == 'rmjax':  # the machine's matmul rate, under the same load as this round
+          for name, t in procs[f].call('time_dots')['times'].items():
+            dot_times[name] += t
   finally:
     for p in procs.values():
       p.close()
   out = {'name': w['name'], 'kind': w['params']['workload'], 'size': w['params'].get('size'),
          'params': w['params'], 'flops_per_step': w.get('flops'), 'tokens_per_step': w.get('tokens'),
-         'largest_matmul': w.get('matmul'), 'load_before': load0, 'load_after': loadavg(), 'frameworks': {}}
+         'largest_matmul': list(w['matmul']), 'load_before': load0,
+         'dots': {name: dict(stats(t), gflops_per_s=2 * np.prod(shape) / np.median(t) / 1e9, shape=list(shape))
+                  for (name, t), shape in zip(dot_times.items(), (w['matmul'], (SQUARE,) * 3))}, 'load_after': loadavg(), 'frameworks': {}}
   for f in frameworks:
     all_times = [t for rnd in rounds[f] for t in rnd]
     rec = dict(stats(all_times), framework=setup[f].get('framework', f), compile_s=setup[f].get('compile_s'),
@@ -145,6 +152,8 @@ def run_workload(w: dict, frameworks: list[str], args, log_dir: Path) -> dict:
       rec['tokens_per_s'] = w['tokens'] / rec['median_s']
     if w.get('flops'):
       rec['gflops_per_s'] = w['flops'] / rec['median_s'] / 1e9
+      rec['dot_fraction'] = rec['gflops_per_s'] / out['dots']['step']['gflops_per_s']
+      rec['square_dot_fraction'] = rec['gflops_per_s'] / out['dots']['square_2048']['gflops_per_s']
     if f != 'rmjax':
       per_round = [np.median(p) / np.median(q) for p, q in zip(rounds[f], rounds['rmjax'])]
       rec['speedup_vs_rmjax'] = {'median': float(np.median(per_round)), 'min': float(np.min(per_round)),
@@ -171,26 +180,6 @@ def print_workload(r: dict) -> None:
           flush=True)
 
 
-def measure_dots(shapes: dict[str, tuple[int, int, int]], args, log_dir: Path) -> dict:
-  """XLA's fp32 dot rate (GFLOP/s) at each named (M, K, N), interleaved rounds in one rmjax process."""
-  p = Proc('rmjax', log_dir)
-  times = {k: [] for k in shapes}
-  try:
-    for r in range(args.repeats):
-      for name, (m, k, n) in shapes.items():
-        p.call('setup', workload='dot', m=m, k=k, n=n)
-        t = p.call('time', steps=1)['times'][0]
-        times[name] += p.call('time', steps=steps_for(t, 0.5))['times']
-  finally:
-    p.close()
-  out = {}
-  for name, (m, k, n) in shapes.items():
-    s = stats(times[name])
-    out[name] = dict(s, shape=[m, k, n], gflops_per_s=2 * m * k * n / s['median_s'] / 1e9)
-    print(f'  dot {name:22s} {m}x{k}x{n}: {out[name]["gflops_per_s"]:.1f} GFLOP/s', flush=True)
-  return out
-
-
 def workloads(args) -> list[dict]:
   ws = []
   for size in args.sizes:
@@ -203,38 +192,22 @@ def workloads(args) -> list[dict]:
         heads = members if kind == 'multi_head' else 1
         flops = common.rm_step_flops(s, RM['pairs'], RM['seq_len'], heads) * (members if kind == 'full' else 1)
         ws.append({'name': f'{label} [{size}]', 'flops': flops, 'tokens': rm_tokens * (members if kind == 'full' else 1),
-                   'matmul': f'rm_{size}', 'peers': ['torch'],
+                   'matmul': mm, 'peers': ['torch'],
                    'params': dict(workload='rm', size=size, members=members, kind=kind, **RM)})
     if 'generate' in args.only:
       for top_p, label in ((1.0, 'generation, temperature 1'), (0.9, 'generation, top-p 0.9')):
         ws.append({'name': f'{label} [{size}]', 'tokens': GEN['rows'] * GEN['new_tokens'],
                    'flops': common.generate_flops(s, GEN['rows'], GEN['prompt_len'], GEN['new_tokens']),
-                   'matmul': f'decode_{size}', 'peers': ['torch', 'tunix'],
+                   'matmul': (GEN['rows'], s.width, s.vocab), 'peers': ['torch', 'tunix'],
                    'params': dict(workload='generate', size=size, top_p=top_p, **GEN)})
     if 'grpo' in args.only:
       rows = GRPO['prompts_per_step'] * GRPO['group']
       ws.append({'name': f'GRPO iteration [{size}]', 'tokens': rows * GRPO['new_tokens'],
                  'flops': common.grpo_flops(s, rows, GRPO['prompt_len'], GRPO['new_tokens']),
-                 'matmul': f'rm_{size}', 'peers': ['torch', 'tunix'],
+                 'matmul': common.largest_matmul(s, rows * (GRPO['prompt_len'] + GRPO['new_tokens']), lm_head=True),
+                 'peers': ['torch', 'tunix'],
                  'params': dict(workload='grpo', size=size, **GRPO)})
   return ws
-
-
-def dot_shapes(sizes) -> dict[str, tuple[int, int, int]]:
-  shapes = {'square_2048': (SQUARE, SQUARE, SQUARE)}
-  for size in sizes:
-    s = common.shape(size)
-    shapes[f'rm_{size}'] = common.largest_matmul(s, 2 * RM['pairs'] * RM['seq_len'])
-    shapes[f'decode_{size}'] = (GEN['rows'], s.width, s.vocab)
-  return shapes
-
-
-def attach_dot_fractions(results: list[dict], dots: dict) -> None:
-  for r in results:
-    for rec in r['frameworks'].values():
-      if 'gflops_per_s' in rec:
-        rec['dot_fraction'] = rec['gflops_per_s'] / dots[r['largest_matmul']]['gflops_per_s']
-        rec['square_dot_fraction'] = rec['gflops_per_s'] / dots['square_2048']['gflops_per_s']
 
 
 def main(argv=None) -> int:
@@ -263,8 +236,6 @@ def main(argv=None) -> int:
   report = {'started': stamp, 'machine': machine(), 'load_start': loadavg(), 'optimizer': common.OPTIM,
             'settings': {'rm': RM, 'generate': GEN, 'grpo': GRPO}, 'workloads': [], 'errors': []}
   print(f'machine: {report["machine"]}  load {report["load_start"]:.2f}', flush=True)
-  print('XLA dot baselines (fp32):', flush=True)
-  report['dots'] = measure_dots(dot_shapes(args.sizes), args, log_dir)
   for w in workloads(args):
     frameworks = ['rmjax'] + [p for p in w['peers'] if p in peers]
     try:
@@ -272,7 +243,6 @@ def main(argv=None) -> int:
     except Exception as e:  # one failing workload does not stop the others
       print(f'  FAILED: {e}', flush=True)
       report['errors'].append({'workload': w['name'], 'error': str(e)})
-  attach_dot_fractions(report['workloads'], report['dots'])
   if 'scaling' in args.only:
     from benchmarks import scaling
     report['scaling'] = scaling.sweep(args, log_dir, out_dir / f'scaling-{stamp}.png')

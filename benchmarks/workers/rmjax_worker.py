@@ -61,6 +61,7 @@ class Worker:
   def __init__(self):
     self.run_once = None
     self.runs = {}
+    self.dots = {}
 
   def _compile(self, fn, *args):
     t0 = time.perf_counter()
@@ -174,6 +175,25 @@ class Worker:
     self.run_once = lambda: compiled(a, b).block_until_ready()
     return {'compile_s': compile_s, 'check': [], 'framework': f'XLA dot (jax {jax.__version__})'}
 
+  def setup_dots(self, shapes):
+    """Compiles fp32 dots `{name: [M, K, N]}` for `time_dots`, timed next to the workload."""
+    rng = np.random.default_rng(0)
+    for name, (m, k, n) in shapes.items():
+      a = jnp.asarray(rng.standard_normal((m, k), np.float32))
+      b = jnp.asarray(rng.standard_normal((k, n), np.float32))
+      compiled = jax.jit(jnp.dot).lower(a, b).compile()
+      compiled(a, b).block_until_ready()
+      self.dots[name] = (lambda c=compiled, a=a, b=b: c(a, b).block_until_ready())
+    return {}
+
+  def time_dots(self, seconds=0.3):
+    """`{name: [seconds per dot]}`, each dot repeated for about `seconds`."""
+    out = {}
+    for name, fn in self.dots.items():
+      t = common.timed(fn, 1)
+      out[name] = t + common.timed(fn, max(1, min(50, round(seconds / max(t[0], 1e-6)))))
+    return {'times': out}
+
   def setup(self, workload, key=None, **kw):
     """Builds, compiles and warms up `workload`; with `key`, keeps it beside earlier ones for `time(key=...)`."""
     common.check_cpus()
@@ -191,4 +211,4 @@ class Worker:
 
 if __name__ == '__main__':
   w = Worker()
-  common.serve({'setup': w.setup, 'time': w.time})
+  common.serve({'setup': w.setup, 'time': w.time, 'setup_dots': w.setup_dots, 'time_dots': w.time_dots})
