@@ -16,7 +16,7 @@ ENV = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(ROOT / '.jax_cache'),
 RUNNER = [sys.executable, '-m', 'launch.local']
 # configs/rm.py:test made smaller still: the sweep's four points run in about 20 s each.
 SMALL = ['--config.train.progress=False', '--config.world.policy.train.progress=False',
-         '--config.world.policy.train.steps=4', '--config.train.steps=8', '--config.train.checkpoint_every=4',
+         '--config.world.policy.train.steps=4', '--config.train.steps=16', '--config.train.checkpoint_every=4',
          '--config.data.num_train=64', '--config.data.num_eval=32', '--config.world.num_documents=64']
 
 
@@ -90,10 +90,13 @@ def test_rm_sweep_killed_and_restarted_finishes_without_redoing_points(tmp_path)
   deadline = time.time() + 300
   started = set()
   while time.time() < deadline and runner.poll() is None:
-    # Kill once a point is finished and another has a checkpoint but no result.
+    # Kill once a point is finished and another is inside its reward-model training loop (a first
+    # checkpoint, not the last): a signal there stops it at the next step; one that lands between
+    # stages lets the point run on to its end, which would leave nothing to resume.
     names = [p.name for p in tmp_path.iterdir() if p.is_dir()]
     finished = {n for n in names if (tmp_path / n / 'result.json').exists()}
-    started = {n for n in names if n not in finished and any((tmp_path / n).glob('*/checkpoints/[0-9]*'))}
+    started = {n for n in names if n not in finished and (tmp_path / n / 'rm' / 'checkpoints' / '4').is_dir()
+               and not (tmp_path / n / 'rm' / 'checkpoints' / '12').exists()}
     if finished and started:
       break
     time.sleep(0.1)
