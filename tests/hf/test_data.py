@@ -37,7 +37,7 @@ def test_tokenizer_folder_and_chat_template(tokenizer_folders, tmp_path):
 
 
 def test_template_matches_transformers(tokenizer_folders):
-  transformers = pytest.importorskip('transformers')
+  import transformers  # the [hf] extra
   theirs = transformers.AutoTokenizer.from_pretrained(str(tokenizer_folders[0]))
   tok, template = chat.load_tokenizer(tokenizer_folders[0])
   for add in (False, True):
@@ -94,7 +94,7 @@ def _uf_row(prompt, good, bad):
 
 
 def test_ultrafeedback_parquet_with_and_without_template(tmp_path, tokenizer_folders):
-  pa = pytest.importorskip('pyarrow')
+  import pyarrow as pa  # installed with tensorflow-datasets
   import pyarrow.parquet as pq
   rows = [_uf_row('hello there', 'hi', 'go away'), _uf_row('be brief', 'ok', 'no, I will not be brief')]
   path = tmp_path / 'train_prefs-00000-of-00001.parquet'

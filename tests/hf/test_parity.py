@@ -11,11 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch  # the [hf] extra, installed by README's test command and CI
+import transformers
 
 from rmjax.models import hf, lm_logits, sample
-
-torch = pytest.importorskip('torch')
-transformers = pytest.importorskip('transformers')
 
 V, B, T = 96, 3, 10
 TOL = 1e-4
