@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import gzip
 import hashlib
 import json
 import math
@@ -271,9 +272,11 @@ def _check_files(builder: str, files: Mapping[str, Sequence[str | pathlib.Path]]
         raise ValueError(f'{builder}: no file at {p} (split {split!r}).')
 
 
-def _jsonl_rows(path: pathlib.Path) -> Iterator[tuple[int, dict[str, Any]]]:
-  """(line number, object) of each non-blank line; bad JSON raises naming file:line."""
-  with path.open(encoding='utf-8') as f:
+def jsonl_rows(path: str | pathlib.Path) -> Iterator[tuple[int, dict[str, Any]]]:
+  """(line number, object) of each non-blank line of a `.jsonl` (or `.jsonl.gz`) file; bad JSON
+  raises naming file:line."""
+  opener = gzip.open if str(path).endswith('.gz') else open
+  with opener(path, 'rt', encoding='utf-8') as f:
     for lineno, line in enumerate(f, start=1):
       if not line.strip():
         continue
@@ -339,7 +342,7 @@ class JsonlPreferences(_LocalBuilder, skip_registration=True):
   def _read(self, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
     for p in self.builder_config.files[split]:
       path = pathlib.Path(p)
-      for lineno, row in _jsonl_rows(path):
+      for lineno, row in jsonl_rows(path):
         where = f'{path}:{lineno}'
         for field in ('prompt', 'chosen', 'rejected'):
           if field not in row:
@@ -432,7 +435,7 @@ class TextCorpus(_LocalBuilder, skip_registration=True):
     for p in self.builder_config.files[split]:
       path = pathlib.Path(p)
       if path.suffix == '.jsonl':
-        for lineno, row in _jsonl_rows(path):
+        for lineno, row in jsonl_rows(path):
           if not isinstance(row.get('text'), str):
             raise ValueError(f'{path}:{lineno}: needs a string field "text".')
           yield row['text']

@@ -33,7 +33,6 @@ dropped silently.
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import hashlib
 import json
 import pathlib
@@ -76,18 +75,8 @@ def read_rows(path: str | pathlib.Path) -> Iterator[tuple[str, dict[str, Any]]]:
         raise ValueError(f'{path}:{i}: row {i} is a {type(row).__name__}, not an object.')
       yield f'{path}:{i}', row
   elif name.endswith(('.jsonl', '.jsonl.gz')):
-    opener = gzip.open if name.endswith('.gz') else open
-    with opener(path, 'rt', encoding='utf-8') as f:
-      for lineno, line in enumerate(f, start=1):
-        if not line.strip():
-          continue
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise ValueError(f'{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}).') from e
-        if not isinstance(row, dict):
-          raise ValueError(f'{path}:{lineno}: expected a JSON object, got {type(row).__name__}.')
-        yield f'{path}:{lineno}', row
+    for lineno, row in builders.jsonl_rows(path):
+      yield f'{path}:{lineno}', row
   else:
     raise ValueError(f'{path}: unknown file type; expected .jsonl, .jsonl.gz, .json or .parquet.')
 
