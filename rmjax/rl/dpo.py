@@ -47,7 +47,7 @@ from rmjax import objectives, parallel
 from rmjax.data import builders, pipeline
 from rmjax.data.synthetic_language import Grammar
 from rmjax.data.tokenizer import ByteTokenizer, tokenizer_from_dict
-from rmjax.models import partitioning, sampling, transformer
+from rmjax.models import sampling, transformer
 from rmjax.models.config import ModelConfig
 from rmjax.train import loop, optim
 from rmjax.train import state as state_lib
@@ -256,7 +256,7 @@ def run(config, workdir: str) -> dict:
     return state_lib.create(jax.tree.map(jnp.array, ref_params), optimizer, key)
 
   abstract = jax.eval_shape(init, rng)
-  shardings = state_lib.shardings(abstract, partitioning.logical_axes(abstract.params), optimizer, mesh)
+  shardings = state_lib.state_shardings(abstract, optimizer, mesh)
   step = make_train_step(model_cfg, loss_fn, optimizer, state_shardings=shardings)
   eval_fn = make_eval_fn(model_cfg, loss_fn)
   meta = loop.describe(config, kind='causal_lm', model=model_cfg.to_dict(), tokenizer=tok.to_dict(),

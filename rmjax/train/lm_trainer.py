@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from rmjax import objectives
-from rmjax.models import partitioning, transformer
+from rmjax.models import transformer
 from rmjax.models.config import ModelConfig
 from rmjax.train import checkpoint, loop, optim
 from rmjax.train import state as state_lib
@@ -69,7 +69,7 @@ def train(section, workdir, *, model_config: ModelConfig, batches, mesh, tokeniz
 
   rng = jax.random.key(int(run_config.seed))
   abstract = jax.eval_shape(init, rng)
-  shardings = state_lib.shardings(abstract, partitioning.logical_axes(abstract.params), optimizer, mesh)
+  shardings = state_lib.state_shardings(abstract, optimizer, mesh)
   abstract = state_lib.with_shardings(abstract, shardings)
   step = make_train_step(model_config, optimizer, state_shardings=shardings)
   meta = loop.describe(run_config, kind='causal_lm', model=model_config.to_dict(),

@@ -23,7 +23,6 @@ import optax
 
 from rmjax import config as config_lib
 from rmjax import objectives, parallel
-from rmjax.models import partitioning  # noqa
 from rmjax.models.config import ModelConfig
 from rmjax.models.reward_model import KINDS, RewardModel
 from rmjax.train import checkpoint, loop, optim
@@ -208,7 +207,7 @@ def train(config, workdir, *, model_config: ModelConfig, train_batches, eval_bat
 
   rng = jax.random.key(int(config.seed))
   abstract = jax.eval_shape(init, rng)
-  shardings = state_lib.shardings(abstract, partitioning.logical_axes(abstract.params), optimizer, mesh)
+  shardings = state_lib.state_shardings(abstract, optimizer, mesh)
   step = make_train_step(rm, optimizer, loss_fn, bootstrap=bool(config.ensemble.bootstrap),
                          state_shardings=shardings)
   score_fn = make_score_fn(rm)

@@ -45,6 +45,17 @@ def optimizer_shardings(optimizer: optax.GradientTransformation, abstract_opt_st
                                           transform_non_params=lambda _: parallel.replicated(mesh))
 
 
+def param_shardings(params, mesh: Mesh, *, rules: Mapping[str, parallel.MeshAxes] = parallel.RULES):
+  """NamedShardings of a parameter tree (arrays or ShapeDtypeStructs) by its logical axes
+  (`rmjax.models.partitioning.logical_axes`) under `rules`."""
+  return parallel.tree_shardings(params, partitioning.logical_axes(params), mesh, rules)
+
+
+def place_params(params, mesh: Mesh, *, rules: Mapping[str, parallel.MeshAxes] = parallel.RULES):
+  """`params` moved onto `mesh`, sharded by `param_shardings` (frozen models: references, reward models)."""
+  return jax.device_put(params, param_shardings(params, mesh, rules=rules))
+
+
 def state_shardings(abstract_state, optimizer: optax.GradientTransformation, mesh: Mesh, *, param_axes=None,
                     params: str = 'params', opt_state: str = 'opt_state',
                     rules: Mapping[str, parallel.MeshAxes] = parallel.RULES):
@@ -59,19 +70,14 @@ def state_shardings(abstract_state, optimizer: optax.GradientTransformation, mes
       raise ValueError(f'state_shardings: the state {type(abstract_state).__name__} has no field {field!r}; '
                        'name its parameter and optimizer-state fields with params= and opt_state=.')
   abstract_params = getattr(abstract_state, params)
-  axes = partitioning.logical_axes(abstract_params) if param_axes is None else param_axes
-  param_shardings = parallel.tree_shardings(abstract_params, axes, mesh, rules)
+  if param_axes is None:
+    shards = param_shardings(abstract_params, mesh, rules=rules)
+  else:
+    shards = parallel.tree_shardings(abstract_params, param_axes, mesh, rules)
   rep = parallel.replicated(mesh)
   out = jax.tree.map(lambda _: rep, abstract_state)
-  return out._replace(**{params: param_shardings,
-                         opt_state: optimizer_shardings(optimizer, getattr(abstract_state, opt_state),
-                                                        param_shardings, mesh)})
-
-
-def shardings(abstract_state: TrainState, param_axes, optimizer: optax.GradientTransformation,
-              mesh: Mesh, *, rules: Mapping[str, parallel.MeshAxes] = parallel.RULES) -> TrainState:
-  """NamedShardings for a `TrainState`: params (and their optimizer moments) by logical axes, the rest replicated."""
-  return state_shardings(abstract_state, optimizer, mesh, param_axes=param_axes, rules=rules)
+  return out._replace(**{params: shards,
+                         opt_state: optimizer_shardings(optimizer, getattr(abstract_state, opt_state), shards, mesh)})
 
 
 def with_shardings(abstract_state, state_shardings):

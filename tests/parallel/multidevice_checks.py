@@ -5,7 +5,9 @@ steps, the third after the state of step 2 was saved on the 2x4x1 mesh and resto
 one), whether the restored arrays equal the saved ones, and the largest share of the parameter
 bytes any one device holds; the same for one device; greedy samples on one device and on the
 meshes; and the per-device parameter bytes of the `small` LM on several 8-device meshes
-(from the shardings alone, nothing allocated).
+(from the shardings alone, nothing allocated); and one PPO iteration (policy, value model and a
+2-member reward model all sharded) on one device and on the meshes: its metrics, sampled tokens,
+updated parameters and the policy's largest per-device byte share.
 """
 import json
 import os
@@ -19,11 +21,17 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 
 from rmjax import parallel  # noqa: E402
+from rmjax import objectives  # noqa: E402
 from rmjax.models import partitioning, sampling, transformer  # noqa: E402
 from rmjax.models.config import get_size  # noqa: E402
+from rmjax.models.reward_model import RewardModel  # noqa: E402
+from rmjax.rl import iteration as it  # noqa: E402
+from rmjax.rl import trainer  # noqa: E402
 from rmjax.train import checkpoint  # noqa: E402
+from rmjax.train import state as state_lib  # noqa: E402
 
 import rm_case  # noqa: E402
 
@@ -90,12 +98,53 @@ def small_param_bytes():
   return out
 
 
+RL_SECTION = dict(reward='mean,kl_penalty', kl_penalty=dict(beta=0.05), advantage='gae', loss='ppo_clip,value')
+RL_METRICS = ('reward/raw', 'kl/k1', 'kl/exact', 'entropy', 'loss', 'grad_norm', 'advantage_mean')
+
+
+def rl_runs():
+  """One PPO iteration: 8 prompts × 2 samples × 8 tokens, 2 minibatches, a tiny K=2 reward model."""
+  cfg = get_size('tiny')
+  rm = RewardModel(cfg, num_members=2, kind='full')
+  settings = it.Settings(group_size=2, max_new_tokens=8, temperature=0.7, top_k=32, eos_id=1, pad_id=0,
+                         minibatches=2)
+  # SGD: Adam's g/(|g| + eps) turns the rounding of near-zero gradients (sharded sums reorder
+  # them) into lr-sized steps, which says nothing about whether the sharded program is right.
+  optimizer = optax.sgd(0.1)
+  policy = transformer.init_lm(jax.random.key(1), cfg)
+  objective = objectives.build(RL_SECTION)
+  init = lambda: it.init_state(it.init_params(jax.random.key(2), policy, cfg), optimizer, jax.random.key(3),
+                               objective)
+  frozen = it.Frozen(ref_params=policy, reward_params=rm.init(jax.random.key(4)))
+  rng = np.random.default_rng(1)
+  lens = rng.integers(3, 9, 8)
+  mask = np.arange(8)[None] >= (8 - lens)[:, None]
+  prompts = {'prompt_tokens': np.where(mask, rng.integers(3, 512, (8, 8)), 0).astype(np.int32), 'prompt_mask': mask}
+  out = {}
+  for shape in ((1, 1, 1), (2, 4, 1), (1, 4, 2)):
+    mesh = parallel.make_mesh(*shape, devices=jax.devices()[:int(np.prod(shape))])
+    abstract = jax.eval_shape(init)
+    shardings = state_lib.state_shardings(abstract, optimizer, mesh)
+    fns = it.make_functions(cfg, RL_SECTION, settings, rm.apply, optimizer, value_config=cfg)
+    step = jax.jit(fns.iteration_samples, donate_argnums=(0,), out_shardings=(shardings, None, None))
+    state = jax.jit(init, out_shardings=shardings)()
+    state, metrics, samples = step(state, trainer.place_frozen(frozen, mesh), parallel.global_batch(prompts, mesh))
+    metrics = jax.device_get(metrics)
+    out['x'.join(map(str, shape))] = {
+        'metrics': {k: float(metrics[k]) for k in RL_METRICS},
+        'tokens': np.asarray(samples.tokens).tolist(),
+        'params': [np.asarray(x).ravel().tolist() for x in jax.tree.leaves(state.params)],
+        'policy_share': rm_case.param_share(state.params['policy'])[0]}
+  return out
+
+
 def main():
   assert jax.device_count() == 8, jax.devices()
   with tempfile.TemporaryDirectory() as tmp:
     out = {'rm': rm_runs(pathlib.Path(tmp) / 'checkpoints')}
   out['samples'] = sample_runs()
   out['small_param_bytes'] = small_param_bytes()
+  out['rl'] = rl_runs()
   print(json.dumps(out))
 
 

@@ -8,7 +8,6 @@ import numpy as np
 
 from rmjax import config as C
 from rmjax import objectives, parallel
-from rmjax.models import partitioning
 from rmjax.models.config import get_size
 from rmjax.models.reward_model import RewardModel
 from rmjax.train import optim, rm_trainer
@@ -42,8 +41,7 @@ class Case:
     self.opt = rm_trainer.per_member(optim.make_optimizer(C.optim(lr=1e-2, warmup_steps=0), 10))
     self.rng = jax.random.key(0)
     self.abstract = jax.eval_shape(self.init, self.rng)
-    self.shardings = state_lib.shardings(self.abstract, partitioning.logical_axes(self.abstract.params), self.opt,
-                                         mesh, rules=rules)
+    self.shardings = state_lib.state_shardings(self.abstract, self.opt, mesh, rules=rules)
     self.target = state_lib.with_shardings(self.abstract, self.shardings)
     self.step = rm_trainer.make_train_step(self.rm, self.opt, objectives.get('bradley_terry'),
                                            state_shardings=self.shardings)

@@ -1,5 +1,6 @@
-"""On 8 forced CPU devices: the RM step and sampling match one device under data x fsdp x tensor
-meshes, parameters are sharded over fsdp (and tensor), and a checkpoint moves between meshes."""
+"""On 8 forced CPU devices: the RM step, sampling and a PPO iteration match one device under
+data x fsdp x tensor meshes, parameters are sharded over fsdp (and tensor), and a checkpoint
+moves between meshes."""
 import json
 import pathlib
 import subprocess
@@ -52,3 +53,16 @@ def test_small_model_parameter_bytes_per_device(results):
   assert b['8x1x1'] == b['total']  # pure data parallel: every device holds everything
   for mesh, split in (('1x8x1', 8), ('2x4x1', 4), ('1x4x2', 8), ('1x1x8', 8)):
     assert b['total'] / split <= b[mesh] <= b['total'] / split * 1.02, (mesh, b)
+
+
+@pytest.mark.parametrize('mesh,split', [('2x4x1', 4), ('1x4x2', 8)])
+def test_rl_iteration_matches_single_device(results, mesh, split):
+  rl = results['rl']
+  # Same key, same sampler: the same tokens (a flip would need logits tied within 1e-6).
+  assert rl[mesh]['tokens'] == rl['1x1x1']['tokens']
+  # Sharded reductions reorder float sums: metrics and updated params agree to 1e-5 relative.
+  for k, v in rl['1x1x1']['metrics'].items():
+    np.testing.assert_allclose(rl[mesh]['metrics'][k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+  for a, b in zip(rl[mesh]['params'], rl['1x1x1']['params']):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert 1 / split <= rl[mesh]['policy_share'] <= 1 / split + 0.02

@@ -9,7 +9,7 @@ import pytest
 
 from rmjax import config as C
 from rmjax import parallel
-from rmjax.models import partitioning, transformer
+from rmjax.models import transformer
 from rmjax.models.config import ModelConfig
 from rmjax.train import checkpoint, lm_trainer, loop, optim
 from rmjax.train import state as state_lib
@@ -34,7 +34,7 @@ def setup():
   mesh = parallel.make_mesh()
   init = lambda: state_lib.create(transformer.init_lm(jax.random.key(0), CFG), opt, jax.random.key(1))
   abstract = jax.eval_shape(init)
-  shardings = state_lib.shardings(abstract, partitioning.logical_axes(abstract.params), opt, mesh)
+  shardings = state_lib.state_shardings(abstract, opt, mesh)
   step = lm_trainer.make_train_step(CFG, opt, state_shardings=shardings)
   return dict(step=step, init=jax.jit(init, out_shardings=shardings), mesh=mesh,
               abstract=state_lib.with_shardings(abstract, shardings))
