@@ -237,6 +237,7 @@ def run(config, workdir: str) -> dict:
   held_out = parallel.global_batch(setup.held_out, setup.mesh)
   eval_keys = jax.vmap(trainer.eval_key)(seeds)
 
+  @trainer.once_per_step(lambda pstate: pstate.members.step[0])
   def run_eval(pstate):
     metrics, samples = eval_fn(pstate, frozen, held_out, eval_keys)
     return {f'eval/{k}': float(v) for k, v in jax.device_get(flat_metrics(metrics)).items()}, samples

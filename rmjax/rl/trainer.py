@@ -4,8 +4,9 @@ Models, each from a self-describing checkpoint given by path (`rmjax.train.check
   config.policy.path     a causal-LM checkpoint (`kind='causal_lm'`): the initial policy and
                          the frozen reference; '' = a fresh `config.policy.model` from the seed.
   config.reward.path     a reward-model checkpoint (`kind='reward_model'`, its `normalization`
-                         used by the aggregations); '' = the toy reward "count of token
-                         `config.reward.toy_token`" (for smoke runs and tests).
+                         used by the aggregations), or only its members `config.reward.members`
+                         (e.g. '0': one member of an ensemble as a single proxy); '' = the toy
+                         reward "count of token `config.reward.toy_token`" (smoke runs, tests).
   config.gold.path       an optional gold reward model ('' = none).
 
 Prompts: `config.data.num_prompts` training and `config.data.num_eval` held-out prompts of the
@@ -43,6 +44,7 @@ from rmjax.models.reward_model import RewardModel
 from rmjax.rl import iteration as it
 from rmjax.rl import retokenize
 from rmjax.train import checkpoint, loop, optim
+from rmjax.train import state as state_lib
 
 
 POLICY_KINDS = ('causal_lm', 'rl_policy')
@@ -71,6 +73,29 @@ def load_reward_model(path: str) -> tuple[RewardModel, Any, objectives.RewardSta
   stats = None if norm is None else objectives.RewardStats(jnp.asarray(norm['mean'], jnp.float32),
                                                            jnp.asarray(norm['std'], jnp.float32))
   return rm, jax.tree.map(jnp.asarray, state['params']), stats, meta.get('tokenizer', {})
+
+
+def select_members(rm: RewardModel, params, stats: objectives.RewardStats | None, members: str
+                   ) -> tuple[Any, Any, objectives.RewardStats | None]:
+  """`(scorer, params, stats)` of the members listed in `members` ('0' or '0,2'; '' = all) of a
+  reward model: a full ensemble's stacked params and stats are sliced (only those members run), a
+  multi-head model's `[K, B]` scores are indexed."""
+  if not str(members).strip():
+    return rm.apply, params, stats
+  try:
+    idx = [int(i) for i in str(members).split(',')]
+  except ValueError:
+    raise config_lib.ConfigError(f'config.reward.members={members!r}: give comma-separated member indices.') from None
+  bad = [i for i in idx if not 0 <= i < rm.num_members]
+  if bad or len(set(idx)) != len(idx):
+    raise config_lib.ConfigError(f'config.reward.members={members!r}: indices must be distinct and in '
+                                 f'0..{rm.num_members - 1} (the checkpoint has {rm.num_members} members).')
+  sel = np.asarray(idx)
+  if stats is not None:
+    stats = objectives.RewardStats(stats.mean[sel], stats.std[sel])
+  if rm.kind == 'full':
+    return RewardModel(rm.config, len(idx), 'full').apply, jax.tree.map(lambda x: x[sel], params), stats
+  return (lambda p, t, m: rm.apply(p, t, m)[sel]), params, stats
 
 
 def token_count_scorer(token: int):
@@ -128,7 +153,8 @@ def settings(config, tok) -> it.Settings:
 
 
 def reward_scorer(section, policy_tok: Tokenizer, prompt_len: int, max_new_tokens: int, *, normalized: bool = False):
-  """`(scorer, params, stats)` of the reward-model checkpoint at `section.path`.
+  """`(scorer, params, stats)` of the reward-model checkpoint at `section.path` (its members
+  `section.members`, when given: `select_members`).
 
   scorer(params, tokens, mask) -> [K, B] on the policy's rows: the model's `apply`, behind
   re-tokenization (`rmjax.rl.retokenize`, `section.seq_len` wide; 0 = `prompt_len +
@@ -136,10 +162,10 @@ def reward_scorer(section, policy_tok: Tokenizer, prompt_len: int, max_new_token
   `normalized`, scores are standardized by the checkpoint's normalization (as for the gold).
   """
   rm, params, stats, tok_dict = load_reward_model(section.path)
-  scorer = rm.apply
+  scorer, params, stats = select_members(rm, params, stats, section.get('members', ''))
   if normalized and stats is not None:
-    shift, scale = stats.mean[:, None], stats.std[:, None]
-    scorer = lambda p, t, m: (rm.apply(p, t, m) - shift) / scale
+    shift, scale, raw = stats.mean[:, None], stats.std[:, None], scorer
+    scorer = lambda p, t, m: (raw(p, t, m) - shift) / scale
   if tok_dict:
     rm_tok = tokenizer_from_dict(tok_dict)
     if rm_tok != policy_tok:
@@ -249,6 +275,30 @@ def rollout_prompt_ids(setup: Setup) -> np.ndarray:
   return np.repeat(setup.held_out['prompt_ids'], setup.settings.group_size)
 
 
+def once_per_step(step_of):
+  """Decorator: `fn(state)` computed once per step (`step_of(state)`), so the loop's evaluation and
+  the checkpoint's rollouts at one step share one held-out rollout."""
+  def decorate(fn):
+    last = {}
+
+    def wrapped(state):
+      step = int(jax.device_get(step_of(state)))
+      if last.get('step') != step:
+        last.update(step=step, out=fn(state))
+      return last['out']
+    return wrapped
+  return decorate
+
+
+def place_frozen(frozen: it.Frozen, mesh) -> it.Frozen:
+  """The frozen models on `mesh`: reference, reward and gold params sharded like a policy's
+  (by logical axes), the normalization statistics replicated."""
+  place = lambda p: state_lib.place_params(p, mesh) if jax.tree.leaves(p) else p
+  stats = None if frozen.stats is None else jax.device_put(frozen.stats, parallel.replicated(mesh))
+  return it.Frozen(ref_params=place(frozen.ref_params), reward_params=place(frozen.reward_params), stats=stats,
+                   gold_params=None if frozen.gold_params is None else place(frozen.gold_params))
+
+
 def run(config, workdir: str) -> dict:
   """Trains the policy with `config`; returns the final checkpoint's metadata. A config whose
   `population` section names several members runs them as one population (`rmjax.rl.population`)."""
@@ -264,16 +314,16 @@ def run(config, workdir: str) -> dict:
   objective = objectives.build(config.objective)
   fns = it.make_functions(setup.policy_cfg, config.objective, setup.settings, setup.scorer, optimizer,
                           value_config=setup.value_cfg, gold_scorer=setup.gold_scorer)
-  frozen = it.Frozen(ref_params=policy_params, reward_params=setup.reward_params, stats=setup.stats,
-                     gold_params=setup.gold_params)
+  frozen = place_frozen(it.Frozen(ref_params=policy_params, reward_params=setup.reward_params, stats=setup.stats,
+                                  gold_params=setup.gold_params), setup.mesh)
   init = lambda: init_run_state(setup, policy_params, optimizer, objective, seed)
   abstract = jax.eval_shape(init)
-  rep = parallel.replicated(setup.mesh)
-  shardings = jax.tree.map(lambda _: rep, abstract)
+  shardings = state_lib.state_shardings(abstract, optimizer, setup.mesh)
   iteration = jax.jit(fns.iteration, donate_argnums=(0,), out_shardings=(shardings, None))
   evaluate = jax.jit(fns.evaluate)
   held_out = parallel.global_batch(setup.held_out, setup.mesh)
 
+  @once_per_step(lambda state: state.step)
   def run_eval(state):
     metrics, samples = evaluate(state, frozen, held_out, eval_key(seed))
     return {f'eval/{k}': float(v) for k, v in jax.device_get(metrics).items()}, samples
@@ -290,8 +340,7 @@ def run(config, workdir: str) -> dict:
       workdir=workdir, loop=loop.LoopConfig.from_config(config.train, desc=f'rl {config.objective.advantage}'),
       train_step=lambda state, batch: iteration(state, frozen, batch),
       init_state=lambda: jax.jit(init, out_shardings=shardings)(),
-      abstract_state=jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-                                  shardings),
+      abstract_state=state_lib.with_shardings(abstract, shardings),
       batches=setup.batches, mesh=setup.mesh, metadata=metadata, evaluate=lambda state: run_eval(state)[0])
   return meta
 
@@ -311,7 +360,7 @@ def base_config(advantage: str, arg: str):
   c.job = 'rmjax.rl.trainer:run'
   c.seed = 0
   c.policy = ml_collections.ConfigDict(dict(path='', model=config_lib.model('tiny')))
-  c.reward = ml_collections.ConfigDict(dict(path='', toy_token=ord('e') + 3, seq_len=0))
+  c.reward = ml_collections.ConfigDict(dict(path='', members='', toy_token=ord('e') + 3, seq_len=0))
   c.gold = ml_collections.ConfigDict(dict(path='', seq_len=0))
   c.data = ml_collections.ConfigDict(dict(seed=0, num_prompts=256, num_eval=16, prompt_len=24,
                                           prompts_per_iteration=16))

@@ -62,3 +62,25 @@ def test_bon_job_writes_curves(tmp_path):
   assert np.all(np.diff(result['proxy']) >= -1e-9)
   assert np.all(np.array(result['kl_plugin']) <= np.array(result['kl_bound']) + 1e-9)
   assert result['kl_plugin'][0] == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize('kind', ['full', 'multi_head'])
+def test_select_members_scores_exactly_the_chosen_members(kind):
+  from rmjax import config as config_lib
+  from rmjax import objectives
+  from rmjax.models.reward_model import RewardModel
+  from tests.rl.conftest import TINY
+  rm = RewardModel(TINY, num_members=3, kind=kind)
+  params = rm.init(jax.random.key(0))
+  stats = objectives.RewardStats(np.array([1., 2., 3.], np.float32), np.array([4., 5., 6.], np.float32))
+  tokens = np.arange(2, 14, dtype=np.int32).reshape(2, 6)
+  mask = np.ones((2, 6), bool)
+  full = np.asarray(rm.apply(params, tokens, mask))
+  scorer, sub, sub_stats = trainer.select_members(rm, params, stats, '2,0')
+  np.testing.assert_allclose(np.asarray(scorer(sub, tokens, mask)), full[[2, 0]], rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(sub_stats.mean, [3., 1.])
+  np.testing.assert_array_equal(sub_stats.std, [6., 4.])
+  assert trainer.select_members(rm, params, stats, '')[1] is params
+  for bad in ('3', '0,0', 'a'):
+    with pytest.raises(config_lib.ConfigError, match='config.reward.members'):
+      trainer.select_members(rm, params, stats, bad)
