@@ -50,7 +50,8 @@ class Preempted(SystemExit):
 class LoopConfig:
   """steps: total updates. log_every / eval_every / checkpoint_every: in steps (0 = never, except the end).
   keep: checkpoints kept. fail_at_step: raise `InjectedFailure` before running that step (-1: off).
-  progress: show a tqdm bar. desc: the bar's label.
+  progress: show a tqdm bar. desc: the bar's label. save_initial: a fresh run first evaluates and
+  checkpoints its initial state as step 0 (so a curve over checkpoints starts at the start).
   """
   steps: int
   log_every: int = 50
@@ -60,13 +61,14 @@ class LoopConfig:
   fail_at_step: int = -1
   progress: bool = True
   desc: str = 'train'
+  save_initial: bool = False
 
   @classmethod
   def from_config(cls, train_config, desc: str = 'train') -> 'LoopConfig':
     c = train_config
     return cls(steps=int(c.steps), log_every=int(c.log_every), eval_every=int(c.eval_every),
                checkpoint_every=int(c.checkpoint_every), keep=int(c.keep), fail_at_step=int(c.fail_at_step),
-               progress=bool(c.progress), desc=desc)
+               progress=bool(c.progress), desc=desc, save_initial=bool(c.save_initial))
 
 
 @contextlib.contextmanager
@@ -133,6 +135,10 @@ def run(*, workdir: str | pathlib.Path, loop: LoopConfig, train_step: Callable, 
   finite = jnp.ones((), bool)
   last_saved, t0, t0_step = start, time.perf_counter(), start
   try:
+    if restored is None and loop.save_initial:
+      if evaluate is not None:
+        writer.write(0, dict(evaluate(state)))
+      ckpt.save(0, state, dict(metadata(state), final=False, data_step=0))
     with _preemption_signals() as signal_flag:
       for step in range(start, loop.steps):
         if step == loop.fail_at_step:
