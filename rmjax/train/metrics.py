@@ -16,10 +16,9 @@ import json
 import math
 import os
 import pathlib
+import sys
 from collections.abc import Mapping
 from typing import Any
-
-import tensorboardX
 
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
@@ -84,6 +83,18 @@ def _repair(path: pathlib.Path, resume_step: int | None) -> None:
     os.replace(tmp, path)
 
 
+def _tensorboardx():
+  """tensorboardX, imported without torch: its writer imports torch whenever torch is installed
+  (about 2 s per process) only to accept torch tensors, which rmjax never passes."""
+  if 'tensorboardX' not in sys.modules and 'torch' not in sys.modules:
+    sys.modules['torch'] = None  # `import torch` raises ImportError, which tensorboardX handles
+    try:
+      import tensorboardX  # noqa: F401
+    finally:
+      del sys.modules['torch']
+  return sys.modules['tensorboardX']
+
+
 class MetricsWriter:
   """Appends scalars to `WORKDIR/metrics.jsonl` and, optionally, to `WORKDIR/tensorboard/` events.
 
@@ -104,7 +115,7 @@ class MetricsWriter:
     self._file = open(self._path, 'ab', buffering=0)  # pylint: disable=consider-using-with
     self._tensorboard = None
     if tensorboard:
-      self._tensorboard = tensorboardX.SummaryWriter(
+      self._tensorboard = _tensorboardx().SummaryWriter(
           logdir=str(self._workdir / TENSORBOARD_DIR),
           purge_step=None if resume_step is None else resume_step + 1)
 
