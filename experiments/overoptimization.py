@@ -15,12 +15,16 @@ Stages (`experiments.pipeline`; each cached under `WORKDIR/<stage>/<key>/`):
            exactly as it would be alone); each member normalized on base-policy samples
   bon      N samples per held-out prompt drawn once from the base policy and scored by every
            member and the gold; best-of-n curves for every objective by the unbiased estimator
+  rl_<objective>  RLOO against the objective, `rl.seeds` seeds × `rl.kl_coefs` KL-penalty
+           coefficients as one vmapped population; curves over its saved steps
+           (`experiments/study_rl.py`)
   report   `results.json`, PNG plots and `report.md`
 
 Rewards are reported relative to the base policy (R(0) = 0, `../shared/PITFALLS.md` #11), in
 units of the gold's (and each proxy member's) std on base-policy samples. The KL of best-of-n
 is the bound log n − (n−1)/n (Gao et al.'s x-axis), with the plug-in value over the distinct
-samples beside it.
+samples beside it; the KL of RL is the held-out mean of Σ_t (log π − log π_ref) on the policy's
+own samples.
 """
 from __future__ import annotations
 
@@ -39,11 +43,11 @@ from rmjax.eval import fits
 from rmjax.models.reward_model import RewardModel
 from rmjax.rl import best_of_n as bon_lib
 
-from experiments import rm_world, study_report
+from experiments import rm_world, study_report, study_rl
 from experiments.pipeline import Pipeline
 
 STAGES = ('policy', 'gold', 'pairs', 'proxies', 'bon', 'curves', 'report')
-SINGLE = 'single'
+SINGLE = study_rl.SINGLE
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -54,7 +58,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.bon.n_max > config.bon.samples:
     raise C.ConfigError(f'config.bon.n_max={config.bon.n_max} exceeds bon.samples={config.bon.samples}: the '
                         'unbiased best-of-n estimator needs n <= N samples per prompt.')
-  for name in config.objectives:
+  study_rl.validate(config)
+  for name in (*config.objectives, *config.rl.objectives):
     if name != SINGLE:
       aggregation(config, name)
 
@@ -92,7 +97,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, redo: tuple[str, ...] =
   validate(config)
   tfds.disable_progress_bar()
   workdir = pathlib.Path(workdir)
-  pipe = Pipeline(workdir, redo=redo, known=STAGES)
+  pipe = Pipeline(workdir, redo=redo, known=(*STAGES, *(f'rl_{name}' for name in config.rl.objectives)))
   mesh = parallel.mesh_from_config(config.mesh)
   prompts, tok = rm_world.world(config)
   rmc = _rm_config(config)
@@ -122,9 +127,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, redo: tuple[str, ...] =
       reads={'seed': config.seed, 'objectives': config.objectives,
              **{name: config[name] for name in config.objectives if name in config}},
       after=[bon_stage], summary=lambda out: out)
+  rl_reads = {'seed': config.seed, 'rl': {k: v for k, v in config.rl.items() if k != 'objectives'},
+              'sampling': _sampling_fields(config.data), 'num_eval': config.bon.num_prompts}
+  dirs = {'policy': policy_stage.dir, 'gold': gold_stage.dir, 'proxies': proxies_stage.dir}
+  reward_fn = lambda name, members: objective_reward(config, name, members, _stats(proxy_meta))
+  rl_stages = [pipe.build(f'rl_{name}', lambda d, name=name: study_rl.run(config, d, name, dirs, reward_fn),
+                          reads={**rl_reads, 'objective': name, 'options': config[name] if name in config else None},
+                          after=[policy_stage, gold_stage, proxies_stage], summary=lambda out: out)[0]
+               for name in config.rl.objectives]
   report_stage, _ = pipe.build(
       'report', lambda d: study_report.write(config, workdir, pipe.stages),
-      reads={'seed': config.seed}, after=[curves_stage], summary=lambda out: out)
+      reads={'seed': config.seed}, after=[curves_stage, *rl_stages], summary=lambda out: out)
   print(f'report: {report_stage.result["report"]}')
   return report_stage.result
 

@@ -10,6 +10,8 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from rmjax.eval import fits  # noqa: E402
+
 
 def _plot(curves: list[dict], path: pathlib.Path, title: str) -> None:
   """Gold and proxy reward against √KL per method (Gao et al. Fig. 1 style), 95% CI bands."""
@@ -17,7 +19,7 @@ def _plot(curves: list[dict], path: pathlib.Path, title: str) -> None:
   for c in curves:
     d = np.sqrt(c['kl'])
     for ax, key in zip(axes, ('gold_reward', 'proxy_reward')):
-      line, = ax.plot(d, c[key], marker='o', ms=3, label=c['method'])
+      line, = ax.plot(d, c[key], marker='o', ms=3, label=c.get('label', c['method']))
       lo, hi = c[f'{key}_ci']
       ax.fill_between(d, lo, hi, color=line.get_color(), alpha=0.15)
   for ax, name in zip(axes, ('gold reward', 'proxy reward')):
@@ -60,14 +62,83 @@ def _common_kl(curves: list[dict]) -> list[str]:
   return rows
 
 
+def seed_groups(curves: list[dict]) -> list[dict]:
+  """RL curves of one (method, kl_coef) over seeds -> one curve: per step the mean over seeds of
+  KL, rewards and length, 95% bootstrap intervals over seeds, the seed-mean fit, and the final
+  gold of each seed."""
+  groups: dict[tuple, list[dict]] = {}
+  for c in curves:
+    groups.setdefault((c['method'], c['kl_coef']), []).append(c)
+  out = []
+  for (method, beta), members in groups.items():
+    n = min(len(c['step']) for c in members)
+    g = {'method': method, 'kl_coef': beta, 'seeds': [c['seed'] for c in members], 'step': members[0]['step'][:n],
+         'label': f'{method} β={beta:g}', 'examples': members[0]['examples']}
+    for key in ('kl', 'proxy_reward', 'gold_reward', 'length'):
+      values = np.asarray([c[key][:n] for c in members], np.float64)  # [seeds, steps]
+      mean, lo, hi = fits.bootstrap_ci(values, axis=0)
+      g[key], g[f'{key}_ci'] = mean.tolist(), [lo.tolist(), hi.tolist()]
+    g['fits'] = {key: fits.fit(g['kl'], g[f'{key}_reward'], 'rl') for key in ('gold', 'proxy')}
+    g['final_gold_per_seed'] = [c['gold_reward'][n - 1] for c in members]
+    out.append(g)
+  return out
+
+
+def _rl_table(groups: list[dict]) -> list[str]:
+  rows = ['| method | KL coef | seeds | peak gold | KL at peak | final KL | final gold [95% CI over seeds] | '
+          'final proxy | final length | fit α, β (R²) |', '|---|---|---|---|---|---|---|---|---|---|']
+  for g in groups:
+    gold = np.asarray(g['gold_reward'])
+    i = int(np.argmax(gold))
+    lo, hi = (x[-1] for x in g['gold_reward_ci'])
+    f = g['fits']['gold']
+    rows.append(f'| {g["method"]} | {g["kl_coef"]:g} | {len(g["seeds"])} | {gold[i]:+.3f} | {g["kl"][i]:.2f} | '
+                f'{g["kl"][-1]:.2f} | {_fmt_ci(gold[-1], lo, hi)} | {g["proxy_reward"][-1]:+.3f} | '
+                f'{g["length"][-1]:.1f} | {f["alpha"]:.3f}, {f["beta"]:.3f} ({f["r2"]:.2f}) |')
+  return rows
+
+
+def _rl_common_kl(curves: list[dict], groups: list[dict], points: int = 5) -> list[str]:
+  """Gold reward interpolated at KL values every curve reaches, mean over seeds (per seed: its own curve)."""
+  reach = min(max(c['kl']) for c in curves)
+  kls = np.linspace(0, reach, points + 1)[1:]
+  rows = ['| KL | ' + ' | '.join(g['label'] for g in groups) + ' |', '|---' * (len(groups) + 1) + '|']
+  for kl in kls:
+    cells = []
+    for g in groups:
+      seeds = [c for c in curves if (c['method'], c['kl_coef']) == (g['method'], g['kl_coef'])]
+      vals = [np.interp(kl, np.maximum.accumulate(c['kl']), c['gold_reward']) for c in seeds]
+      cells.append(f'{np.mean(vals):+.3f}')
+    rows.append(f'| {kl:.2f} | ' + ' | '.join(cells) + ' |')
+  return rows
+
+
 def write(config, workdir: pathlib.Path, stages: dict) -> dict:
   """Write the outputs from the finished stages; returns their paths."""
   curves = stages['curves'].result['curves']
-  results = {'curves': [{k: v for k, v in c.items() if k != 'examples'} for c in curves],
+  rl_curves = [c for name, st in stages.items() if name.startswith('rl_') for c in st.result]
+  results = {'curves': [{k: v for k, v in c.items() if k != 'examples'} for c in curves + rl_curves],
              'proxy_eval': stages['proxies'].result, 'seed': int(config.seed)}
   (workdir / 'results.json').write_text(json.dumps(results, indent=1))
   plot = workdir / 'bon_gold_proxy.png'
   _plot(curves, plot, f'best-of-n, seed {config.seed}: gold vs proxy reward against √KL')
+  plots = [plot]
+  rl_lines = []
+  if rl_curves:
+    groups = seed_groups(rl_curves)
+    rl_plot = workdir / 'rl_gold_proxy.png'
+    _plot(groups, rl_plot, f'RL (RLOO), seed {config.seed}: gold vs proxy reward against √KL (mean over seeds)')
+    plots.append(rl_plot)
+    rl_lines = ['## RL (RLOO)', '',
+                'KL is the held-out mean of Σ_t (log π − log π_ref) on the policy\'s samples at each saved step; '
+                'bands and intervals: bootstrap over seeds.', '', f'![RL]({rl_plot.name})', '', *_rl_table(groups), '',
+                '### Gold reward at common KL values (interpolated per seed, mean over seeds)', '',
+                *_rl_common_kl(rl_curves, groups), '', '### Samples at the first and last step', '']
+    for g in groups:
+      rl_lines += [f'**{g["label"]}** (seed {g["seeds"][0]})', '']
+      rl_lines += [f'- {e["which"]} — gold {e["gold"]:+.2f}: `{e["prompt"]}` → `{e["response"].strip()}`'
+                   for e in g['examples']]
+      rl_lines.append('')
   ev = stages['proxies'].result
   lines = [
       '# Reward-model overoptimization on the synthetic world', '',
@@ -89,8 +160,9 @@ def write(config, workdir: pathlib.Path, stages: dict) -> dict:
       lines.append(f'- {e["which"]} — proxy {e["proxy"]:+.2f}, gold {e["gold"]:+.2f}: '
                    f'`{e["prompt"]}` → `{e["response"].strip()}`')
     lines.append('')
+  lines += rl_lines
   lines += ['## Stages', '', '| stage | wall time (s) | cached |', '|---|---|---|']
   lines += [f'| {s.name} | {s.wall_s:.1f} | {"yes" if s.skipped else "no"} |' for s in stages.values()]
   report = workdir / 'report.md'
   report.write_text('\n'.join(lines) + '\n')
-  return {'report': str(report), 'results': str(workdir / 'results.json'), 'plots': [str(plot)]}
+  return {'report': str(report), 'results': str(workdir / 'results.json'), 'plots': [str(p) for p in plots]}

@@ -75,9 +75,10 @@ def test_smoke_study_writes_results_plot_and_report(smoke):
   workdir, stdout = smoke
   assert f'report: {workdir / "report.md"}' in stdout
   results = json.loads((workdir / 'results.json').read_text())
-  methods = {c['method'] for c in results['curves']}
-  assert methods == {'single', 'mean', 'wco', 'uwo'}
-  for c in results['curves']:
+  bon = [c for c in results['curves'] if c['optimizer'] == 'bon']
+  rl = [c for c in results['curves'] if c['optimizer'] == 'rl']
+  assert {c['method'] for c in bon} == {'single', 'mean', 'wco', 'uwo'}
+  for c in bon:
     n = len(c['n'])
     assert c['optimizer'] == 'bon' and c['n'] == sorted(c['n'])
     assert len(c['kl']) == len(c['proxy_reward']) == len(c['gold_reward']) == len(c['kl_plugin']) == n
@@ -86,9 +87,20 @@ def test_smoke_study_writes_results_plot_and_report(smoke):
     assert c['proxy_reward'][0] == pytest.approx(0.0, abs=1e-6)
     assert np.all(np.diff(c['proxy_reward']) >= -1e-9)  # the optimized reward rises with n
     assert np.all(np.asarray(c['kl_plugin']) <= np.asarray(c['kl']) + 1e-9)  # the bound bounds it
-  assert (workdir / 'bon_gold_proxy.png').stat().st_size > 10_000
+  # RL: one curve per (objective, seed, KL coefficient), read at iterations 0, 2, 4.
+  assert sorted((c['method'], c['kl_coef']) for c in rl) == [('single', 0.0), ('single', 0.05), ('uwo', 0.0),
+                                                              ('uwo', 0.05)]
+  for c in rl:
+    assert c['step'] == [0, 2, 4] and c['seed'] == 0
+    assert len(c['kl']) == len(c['proxy_reward']) == len(c['gold_reward']) == len(c['length']) == 3
+    # step 0 is the base policy: the policy equals its reference, so the KL is exactly 0
+    assert c['kl'][0] == 0.0 and c['gold_reward'][0] == 0.0 and c['proxy_reward'][0] == 0.0
+    assert c['kl'][-1] > 0
+  for png in ('bon_gold_proxy.png', 'rl_gold_proxy.png'):
+    assert (workdir / png).stat().st_size > 10_000
   report = (workdir / 'report.md').read_text()
-  assert '| single |' in report and '## Stages' in report and 'n=16' in report
+  assert '| single |' in report and '## Stages' in report and 'n=16' in report and '## RL (RLOO)' in report
+  assert '| uwo | 0.05 | 1 |' in report
 
 
 @pytest.mark.slow
@@ -97,4 +109,6 @@ def test_smoke_study_rerun_with_redo_skips_upstream_and_reruns_downstream(smoke)
   out = subprocess.run(CMD + [f'--workdir={workdir}', '--redo=bon'], cwd=ROOT, env=ENV, capture_output=True,
                        text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert out.stdout.count('skipped') == 4 and '[bon] running' in out.stdout and '[report] running' in out.stdout
+  # policy, gold, pairs, proxies and the RL stages (which do not read best-of-n) are reused
+  assert out.stdout.count('skipped') == 6 and '[bon] running' in out.stdout and '[report] running' in out.stdout
+  assert '[rl_uwo] done before' in out.stdout

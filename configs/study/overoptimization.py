@@ -46,6 +46,12 @@ def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
   # 5. Best-of-n: N samples per held-out prompt drawn once; curves for n = 1, 2, 4, ..., n_max.
   c.bon = ml_collections.ConfigDict(dict(num_prompts=64, samples=512, n_max=256, batch=512))
 
+  # 6. RL: RLOO against each objective; seeds x KL-penalty coefficients as one vmapped population
+  # per objective, evaluated on the best-of-n prompts every eval_every iterations (from 0).
+  c.rl = ml_collections.ConfigDict(dict(
+      objectives=('single', 'mean', 'wco', 'uwo'), seeds=2, kl_coefs=(0.0, 0.05), iterations=60, eval_every=10,
+      prompts_per_iteration=8, group_size=4, prompt_len=40, epochs=1, minibatches=2, lr=3e-4, progress=True))
+
   c.mesh = C.mesh()
 
   if arg == 'smoke':
@@ -58,6 +64,8 @@ def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
     c.proxy.train = C.train(20, batch_size=16, log_every=10, eval_every=10, checkpoint_every=10)
     c.proxy.eval_batch_size = 32
     c.bon = ml_collections.ConfigDict(dict(num_prompts=8, samples=32, n_max=16, batch=128))
+    c.rl.update(dict(objectives=('single', 'uwo'), seeds=1, iterations=4, eval_every=2, prompts_per_iteration=4,
+                     group_size=2, prompt_len=32, progress=False))
   elif arg == 'medium':
     c.objectives = ('single', 'mean', 'wco', 'uwo', 'mean_minus_std', 'median')
     c.bon.num_prompts = 128

@@ -1,0 +1,134 @@
+"""The study's RL stages: RLOO against each objective, seeds × KL coefficients as one population.
+
+For objective `name` (`experiments/overoptimization.py`), `rl_config` makes the config of the
+RL trainer (`rmjax.rl.trainer`, run as a vmapped population by `rmjax.rl.population`): the base
+policy as the initial policy and frozen reference, the proxies' checkpoint as the reward (member
+0 alone for `single`; the objective's aggregation of every normalized member otherwise) with a
+per-token KL penalty β·(log π − log π_ref) in the reward, the gold as the gold scorer, and
+population members `rl.seeds` seeds × `rl.kl_coefs` values of β. Training prompts are the
+world's prompts; the held-out prompts are those of best-of-n (the next `bon.num_prompts` of the
+grammar). Every `rl.eval_every` iterations, starting at iteration 0 (the base policy), each
+member checkpoints, evaluates on the held-out prompts and writes its rollouts.
+
+`curves` reads, per member and saved step, the held-out sequence KL Σ_t (log π − log π_ref)
+averaged over rollouts (`eval/kl/k1`), and from the rollouts the gold and the objective's proxy
+reward, both relative to step 0 (R(0) = 0) and averaged per prompt (95% bootstrap intervals over
+prompts), with the fits R(d) = d(α − β log d), d = √KL (Gao et al.).
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import ml_collections
+import numpy as np
+
+from rmjax import config as config_lib
+from rmjax.eval import fits
+from rmjax.rl import population, trainer
+from rmjax.train.metrics import read_metrics
+
+SINGLE = 'single'
+
+
+def member_seeds(config) -> list[int]:
+  """`rl.seeds` RL seeds derived from the study's seed (so `--config.seed` reseeds RL too)."""
+  return [1000 * int(config.seed) + i for i in range(int(config.rl.seeds))]
+
+
+def rl_config(config, name: str, policy_dir: pathlib.Path, gold_dir: pathlib.Path,
+              proxies_dir: pathlib.Path) -> ml_collections.ConfigDict:
+  """The RL trainer's config for objective `name` (see the module docstring)."""
+  r = config.rl
+  c = trainer.base_config('rloo', 'tiny')
+  c.seed = int(config.seed)
+  c.policy.path = str(policy_dir / 'checkpoints')
+  c.reward.path = str(proxies_dir / 'checkpoints')
+  c.reward.members = '0' if name == SINGLE else ''
+  c.gold.path = str(gold_dir)
+  c.data.update(dict(seed=int(config.seed), num_prompts=int(config.world.num_prompts),
+                     num_eval=int(config.bon.num_prompts), prompt_len=int(r.prompt_len),
+                     prompts_per_iteration=int(r.prompts_per_iteration)))
+  c.rl.update(dict(group_size=int(r.group_size), max_new_tokens=int(config.data.max_new_tokens),
+                   temperature=float(config.data.temperature), epochs=int(r.epochs), minibatches=int(r.minibatches)))
+  c.objective = ml_collections.ConfigDict({
+      'reward': f'{"mean" if name == SINGLE else name},kl_penalty', 'kl_penalty': {'beta': 0.0},
+      'advantage': 'rloo', 'rloo': {'group_size': int(r.group_size)}, 'loss': 'ppo_clip'})
+  if name != SINGLE and name in config:
+    c.objective[name] = config[name].to_dict()
+  c.optim = config_lib.optim(lr=float(r.lr), warmup_steps=0, schedule='constant', weight_decay=0.0)
+  c.train = config_lib.train(int(r.iterations), log_every=int(r.eval_every), eval_every=int(r.eval_every),
+                             checkpoint_every=int(r.eval_every))
+  c.train.save_initial = True
+  c.train.keep = 1
+  c.train.progress = bool(r.progress)
+  seeds, betas = member_seeds(config), [float(b) for b in r.kl_coefs]
+  c.population.seeds = ','.join(str(s) for _ in betas for s in seeds)
+  c.population.hparams = 'objective.kl_penalty.beta=' + ','.join(str(b) for b in betas for _ in seeds)
+  return c
+
+
+def validate(config) -> None:
+  """Checks `config.rl` before anything compiles."""
+  C = config_lib
+  C.require_positive(config, 'rl.seeds', 'rl.iterations', 'rl.eval_every', 'rl.prompts_per_iteration',
+                     'rl.group_size', 'rl.prompt_len', 'rl.epochs', 'rl.minibatches', 'rl.lr')
+  if config.rl.iterations % config.rl.eval_every:
+    raise C.ConfigError(f'config.rl.iterations={config.rl.iterations} must be a multiple of '
+                        f'rl.eval_every={config.rl.eval_every} (curves are read at every evaluation).')
+  if not config.rl.kl_coefs or any(float(b) < 0 for b in config.rl.kl_coefs):
+    raise C.ConfigError(f'config.rl.kl_coefs={tuple(config.rl.kl_coefs)}: give one or more coefficients >= 0.')
+  if config.rl.prompt_len + config.data.max_new_tokens > config.data.seq_len:
+    raise C.ConfigError(f'config.rl.prompt_len + data.max_new_tokens = '
+                        f'{config.rl.prompt_len + config.data.max_new_tokens} exceeds data.seq_len='
+                        f'{config.data.seq_len}, the width the proxies were trained on.')
+
+
+def run(config, folder: pathlib.Path, name: str, dirs: dict, reward_fn) -> list[dict]:
+  """Stage `rl_<name>`: trains (or resumes) the population in `folder`; returns its curves.
+
+  dirs: the `policy`, `gold` and `proxies` stage folders. reward_fn(name, members [K, P, N]) ->
+  the objective's reward `[P, N]` (as for best-of-n).
+  """
+  c = rl_config(config, name, dirs['policy'], dirs['gold'], dirs['proxies'])
+  population.run(c, str(folder))
+  members = population.parse_members(c)
+  group = int(config.rl.group_size)
+  return [member_curve(name, folder / 'members' / str(i), m.seed, m.values['objective.kl_penalty.beta'],
+                       group, reward_fn) for i, m in enumerate(members)]
+
+
+def _rollouts(path: pathlib.Path) -> list[dict]:
+  return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def member_curve(name: str, member_dir: pathlib.Path, seed: int, beta: float, group: int, reward_fn) -> dict:
+  """One member's RL curve over its saved steps (module docstring)."""
+  kl_at = {int(r['step']): r['eval/kl/k1'] for r in read_metrics(member_dir / 'metrics.jsonl') if 'eval/kl/k1' in r}
+  steps = sorted(int(p.stem) for p in (member_dir / 'rollouts').glob('*.jsonl'))
+  if not steps or steps[0] != 0 or any(s not in kl_at for s in steps):
+    raise RuntimeError(f'{member_dir}: rollouts at steps {steps} and evaluations at {sorted(kl_at)} do not line up; '
+                       'rerun the stage with --redo.')
+  per_step = {'proxy': [], 'gold': [], 'length': []}
+  texts = {}
+  for s in steps:
+    rows = _rollouts(member_dir / 'rollouts' / f'{s}.jsonl')
+    scores = np.asarray([r['scores'] for r in rows], np.float64).T  # [K, R]
+    n_prompts = scores.shape[1] // group
+    proxy = reward_fn(name, scores.reshape(scores.shape[0], n_prompts, group))  # [P, group]
+    per_step['proxy'].append(proxy.mean(1))
+    per_step['gold'].append(np.asarray([r['gold'] for r in rows]).reshape(n_prompts, group).mean(1))
+    per_step['length'].append(np.mean([len(r['tokens']) for r in rows]))
+    texts[s] = rows
+  curve = {'method': name, 'optimizer': 'rl', 'ensemble': None if name == SINGLE else 'finetune',
+           'kl_coef': beta, 'seed': seed, 'step': steps, 'kl': [float(kl_at[s]) for s in steps],
+           'length': [float(x) for x in per_step['length']]}
+  for key in ('proxy', 'gold'):
+    values = np.stack(per_step[key], axis=1)  # [P, steps]
+    mean, lo, hi = fits.bootstrap_ci(values - values[:, :1], axis=0, seed=seed)
+    curve[f'{key}_reward'], curve[f'{key}_reward_ci'] = mean.tolist(), [lo.tolist(), hi.tolist()]
+  curve['fits'] = {key: fits.fit(curve['kl'], curve[f'{key}_reward'], 'rl') for key in ('gold', 'proxy')}
+  curve['examples'] = [
+      {'prompt': r['prompt'], 'which': f'step {s}', 'response': r['text'], 'gold': float(r['gold'])}
+      for s in (steps[0], steps[-1]) for r in texts[s][:2 * group:group]]
+  return curve
