@@ -12,6 +12,7 @@ file holds each step once. No TensorFlow is imported (events are written by tens
 """
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -84,15 +85,19 @@ def _repair(path: pathlib.Path, resume_step: int | None) -> None:
 
 
 def _tensorboardx():
-  """tensorboardX, imported without torch: its writer imports torch whenever torch is installed
-  (about 2 s per process) only to accept torch tensors, which rmjax never passes."""
-  if 'tensorboardX' not in sys.modules and 'torch' not in sys.modules:
+  """tensorboardX, imported without torch unless torch is already loaded: its writer imports torch
+  whenever it is installed (about 2 s per process) only to accept torch tensors, which rmjax never
+  passes."""
+  if 'tensorboardX' in sys.modules:
+    return sys.modules['tensorboardX']
+  hide = 'torch' not in sys.modules
+  if hide:
     sys.modules['torch'] = None  # `import torch` raises ImportError, which tensorboardX handles
-    try:
-      import tensorboardX  # noqa: F401
-    finally:
+  try:
+    return importlib.import_module('tensorboardX')
+  finally:
+    if hide:
       del sys.modules['torch']
-  return sys.modules['tensorboardX']
 
 
 class MetricsWriter:

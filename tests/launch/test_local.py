@@ -1,4 +1,5 @@
-"""launch.local: a failing point does not stop the others; a killed sweep resumes without redoing points."""
+"""launch.local: a failing point does not stop the others; a killed sweep resumes without redoing points
+(on toy jobs: the real jobs run through a launcher in tests/launch/test_tpu_slurm.py)."""
 import json
 import os
 import pathlib
@@ -14,10 +15,6 @@ ROOT = pathlib.Path(__file__).parent.parent.parent
 ENV = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(ROOT / '.jax_cache'),
            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.2', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
 RUNNER = [sys.executable, '-m', 'launch.local']
-# configs/rm.py:test made smaller still: the sweep's four points run in about 20 s each.
-SMALL = ['--config.train.progress=False', '--config.world.policy.train.progress=False',
-         '--config.world.policy.train.steps=4', '--config.train.steps=16', '--config.train.checkpoint_every=4',
-         '--config.data.num_train=64', '--config.data.num_eval=32', '--config.world.num_documents=64']
 
 
 def _records(workdir):
@@ -83,25 +80,31 @@ def test_fixed_overrides_apply_to_every_point_and_metrics_fall_back_to_the_metri
   assert sorted(r['metrics']['y'] for r in _records(workdir).values()) == [1.0, 8.0, 27.0]
 
 
-@pytest.mark.slow
-def test_rm_sweep_killed_and_restarted_finishes_without_redoing_points(tmp_path):
-  cmd = RUNNER + ['--config=configs/sweeps/rm_lr.py:test', f'--workdir={tmp_path}', '--parallel=2'] + SMALL
+def test_sweep_killed_and_restarted_finishes_without_redoing_points(tmp_path):
+  # Four points of the toy counter on the real training loop: 30 steps of 0.1 s, a checkpoint every 2.
+  config = tmp_path / 'count_sweep.py'
+  config.write_text('from launch import sweep\n'
+                    'from tests.launch import toy_job\n'
+                    'get_config = toy_job.get_config\n'
+                    'def get_sweep():\n'
+                    '  return sweep.axis("x", (1.0, 2.0, 3.0, 4.0))\n')
+  workdir = tmp_path / 'sweep'
+  cmd = RUNNER + [f'--config={config}', f'--workdir={workdir}', '--parallel=2', '--config.train.steps=30']
   runner = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 300
+  deadline = time.time() + 120
   started = set()
   while time.time() < deadline and runner.poll() is None:
-    # Kill once a point is finished and another is inside its reward-model training loop (a first
-    # checkpoint, not the last): a signal there stops it at the next step; one that lands between
-    # stages lets the point run on to its end, which would leave nothing to resume.
-    names = [p.name for p in tmp_path.iterdir() if p.is_dir()]
-    finished = {n for n in names if (tmp_path / n / 'result.json').exists()}
-    started = {n for n in names if n not in finished and (tmp_path / n / 'rm' / 'checkpoints' / '4').is_dir()
-               and not (tmp_path / n / 'rm' / 'checkpoints' / '12').exists()}
+    # Kill once a point is finished and another is inside its loop (a first checkpoint, not the
+    # last), so that there is both something to skip and something to resume.
+    names = [p.name for p in workdir.iterdir() if p.is_dir()] if workdir.is_dir() else []
+    finished = {n for n in names if (workdir / n / 'result.json').exists()}
+    started = {n for n in names if n not in finished and (workdir / n / 'count' / 'checkpoints' / '4').is_dir()
+               and not (workdir / n / 'count' / 'checkpoints' / '20').exists()}
     if finished and started:
       break
-    time.sleep(0.1)
+    time.sleep(0.05)
   assert runner.poll() is None, 'the sweep ended before it could be killed: ' + runner.stderr.read()[-2000:]
-  running = [r['pid'] for r in _records(tmp_path).values() if r['status'] == 'running']
+  running = [r['pid'] for r in _records(workdir).values() if r['status'] == 'running']
   os.kill(runner.pid, signal.SIGKILL)
   runner.wait()
   # The kernel sends the orphaned points SIGTERM; each writes a checkpoint and exits.
@@ -114,20 +117,23 @@ def test_rm_sweep_killed_and_restarted_finishes_without_redoing_points(tmp_path)
       time.sleep(0.1)
     else:
       pytest.fail(f'point process {pid} outlived the killed runner')
-  names = [p.name for p in tmp_path.iterdir() if p.is_dir()]
-  finished = {n for n in names if (tmp_path / n / 'result.json').exists()}
+  names = [p.name for p in workdir.iterdir() if p.is_dir()]
+  finished = {n for n in names if (workdir / n / 'result.json').exists()}
   interrupted = set(names) - finished
   assert started & interrupted, 'no point with a checkpoint was interrupted'
-  done_times = {n: (tmp_path / n / 'result.json').stat().st_mtime_ns for n in finished}
+  done_times = {n: (workdir / n / 'result.json').stat().st_mtime_ns for n in finished}
 
-  out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+  out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr[-3000:]
-  records = _records(tmp_path)
+  records = _records(workdir)
   assert len(records) == 4 and all(r['status'] == 'done' for r in records.values())
   for n in finished:  # not redone
-    assert (tmp_path / n / 'result.json').stat().st_mtime_ns == done_times[n] and _starts(tmp_path, n) == 1
-  for n in interrupted:  # started again once, resuming from its checkpoints
-    assert _starts(tmp_path, n) == 2
-  table = (tmp_path / 'sweep.md').read_text()
+    assert (workdir / n / 'result.json').stat().st_mtime_ns == done_times[n] and _starts(workdir, n) == 1
+  for n in interrupted:  # started again once, resuming from its checkpoint
+    assert _starts(workdir, n) == 2
+  # Resumed from the checkpoint, not from scratch and not twice over: 30 additions of x exactly.
+  assert {r['overrides']['x']: r['metrics']['total'] for r in records.values()} == {
+      1.0: 30.0, 2.0: 60.0, 3.0: 90.0, 4.0: 120.0}
+  table = (workdir / 'sweep.md').read_text()
   assert all(f'| {n} |' in table for n in records) and table.count('| done |') == 4
-  assert all(0.0 <= r['metrics']['eval/gold_accuracy'] <= 1.0 for r in records.values())
+

@@ -35,7 +35,7 @@ from rmjax.train import state as state_lib  # noqa: E402
 
 import rm_case  # noqa: E402
 
-MESHES = ((2, 4, 1), (1, 8, 1), (8, 1, 1), (1, 4, 2))
+MESHES = ((2, 4, 1), (1, 4, 2))
 
 
 def rm_runs(ckpt_dir):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 SCRIPT = pathlib.Path(__file__).with_name('multidevice_checks.py')
-MESHES = ['2x4x1', '1x8x1', '8x1x1', '1x4x2']
+MESHES = ['2x4x1', '1x4x2']
 
 
 @pytest.fixture(scope='module')
@@ -34,7 +34,7 @@ def test_a_checkpoint_saved_on_2x4_restores_on_every_mesh(results, mesh):
   assert results['rm'][mesh]['restored_equal'] and results['rm'][mesh]['restored_placed']
 
 
-@pytest.mark.parametrize('mesh,split', [('2x4x1', 4), ('1x8x1', 8), ('8x1x1', 1), ('1x4x2', 8)])
+@pytest.mark.parametrize('mesh,split', [('2x4x1', 4), ('1x4x2', 8)])
 def test_each_device_holds_about_one_over_fsdp_times_tensor_of_the_params(results, mesh, split):
   share = results['rm'][mesh]['max_share']
   # Matrices and embeddings split over fsdp (and tensor); norm scales and biases (< 2% of the

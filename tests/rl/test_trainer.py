@@ -71,13 +71,13 @@ def test_select_members_scores_exactly_the_chosen_members(kind):
   from rmjax.models.reward_model import RewardModel
   from tests.rl.conftest import TINY
   rm = RewardModel(TINY, num_members=3, kind=kind)
-  params = rm.init(jax.random.key(0))
+  params = jax.jit(rm.init)(jax.random.key(0))
   stats = objectives.RewardStats(np.array([1., 2., 3.], np.float32), np.array([4., 5., 6.], np.float32))
   tokens = np.arange(2, 14, dtype=np.int32).reshape(2, 6)
   mask = np.ones((2, 6), bool)
-  full = np.asarray(rm.apply(params, tokens, mask))
+  full = np.asarray(jax.jit(rm.apply)(params, tokens, mask))
   scorer, sub, sub_stats = trainer.select_members(rm, params, stats, '2,0')
-  np.testing.assert_allclose(np.asarray(scorer(sub, tokens, mask)), full[[2, 0]], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(jax.jit(scorer)(sub, tokens, mask)), full[[2, 0]], rtol=1e-6, atol=1e-6)
   np.testing.assert_array_equal(sub_stats.mean, [3., 1.])
   np.testing.assert_array_equal(sub_stats.std, [6., 4.])
   assert trainer.select_members(rm, params, stats, '')[1] is params

@@ -138,3 +138,23 @@ def test_tensorboard_events_written_without_tensorflow(tmp_path):
     offset += 12 + length + 4
     scalars += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
   assert scalars == [(1, 'train/loss', 0.5), (2, 'train/loss', 0.25), (2, 'eval/acc', 0.75)]
+
+
+@pytest.mark.parametrize('torch_first', [False, True])
+def test_tensorboard_writer_leaves_torch_unloaded_and_works_beside_it(tmp_path, torch_first):
+  # tensorboardX is imported without torch (2 s per process), unless torch is already loaded.
+  child = textwrap.dedent(f'''
+      import sys
+      if {torch_first}:
+        import torch
+      from rmjax.train import metrics
+      with metrics.MetricsWriter(sys.argv[1]) as writer:
+        writer.write(1, {{'loss': 0.5}})
+      assert ('torch' in sys.modules) == {torch_first}, 'torch import state changed'
+      import tensorboardX
+      print('OK')
+  ''')
+  proc = subprocess.run([sys.executable, '-c', child, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                        timeout=60, check=False)
+  assert proc.returncode == 0 and 'OK' in proc.stdout, proc.stderr[-3000:]
+  assert list((tmp_path / 'tensorboard').glob('events.out.tfevents.*'))
