@@ -1,4 +1,4 @@
-"""The main job end to end (configs/rm.py:test): runs, and resumes exactly after `kill -9`."""
+"""The reward-model job end to end (configs/rm.py:test): runs, and resumes exactly after `kill -9`."""
 import json
 import os
 import pathlib
