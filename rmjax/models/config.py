@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any
 
 FAMILIES = ('llama', 'gpt2')
+ROPE_TYPES = ('default', 'linear', 'llama3', 'yarn')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +27,22 @@ class ModelConfig:
   tie_embeddings: the LM head reuses the token embedding (transposed).
   attn_bias / mlp_bias: biases on the attention (qkv, and out for gpt2) / MLP dots.
   dtype: compute dtype; param_dtype: storage dtype of the parameters.
+
+  Rotary scaling (llama family, applied by `transformer.rope_tables`). With hd the head
+  width, base inverse frequencies w_i = rope_theta^(-2i/hd) (i < hd/2), wavelengths
+  l_i = 2 pi / w_i, L = rope_original_max_len (the pretraining context) and s = rope_factor:
+    'default': w_i.
+    'linear':  w_i / s, i.e. positions divided by s (position interpolation, Chen et al. 2023).
+    'llama3':  w_i where l_i < L / rope_high_freq_factor; w_i / s where l_i > L /
+               rope_low_freq_factor; in between (1 - g) w_i / s + g w_i with
+               g = (L / l_i - low) / (high - low) (Llama 3 report, Grattafiori et al. 2024).
+    'yarn':    (1 - g_i) w_i / s + g_i w_i, g_i = 1 - clip((i - a) / (b - a), 0, 1), where a, b
+               are the indices whose frequency turns beta_fast, beta_slow times over L:
+               i(r) = hd ln(L / (2 pi r)) / (2 ln rope_theta), a = max(floor(i(rope_beta_fast)), 0),
+               b = min(ceil(i(rope_beta_slow)), hd - 1) (no floor / ceil if not rope_truncate;
+               b += 0.001 when a == b). cos and sin are multiplied by rope_attention_factor,
+               None meaning 0.1 ln(s) + 1 (YaRN, Peng et al. 2023; the ramp is linear in i, as
+               in its reference code and in `transformers`).
   """
   vocab_size: int
   width: int
@@ -37,6 +54,15 @@ class ModelConfig:
   head_dim: int | None = None
   max_len: int = 1024
   rope_theta: float = 10000.0
+  rope_type: str = 'default'
+  rope_factor: float = 1.0
+  rope_original_max_len: int | None = None
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_beta_fast: float = 32.0
+  rope_beta_slow: float = 1.0
+  rope_attention_factor: float | None = None
+  rope_truncate: bool = True
   norm_eps: float = 1e-6
   tie_embeddings: bool = False
   attn_bias: bool = False
@@ -59,6 +85,16 @@ class ModelConfig:
     if self.family == 'gpt2' and self.num_kv_heads != self.num_heads:
       raise ValueError('ModelConfig: the gpt2 family has no grouped-query attention; '
                        f'set num_kv_heads={self.num_heads} (= num_heads).')
+    if self.rope_type not in ROPE_TYPES:
+      raise ValueError(f'ModelConfig.rope_type={self.rope_type!r}: expected one of {ROPE_TYPES}.')
+    if self.rope_type != 'default' and not self.rope_factor > 0:
+      raise ValueError(f'ModelConfig.rope_factor={self.rope_factor}: must be positive.')
+    if self.rope_type in ('llama3', 'yarn') and not self.rope_original_max_len:
+      raise ValueError(f'ModelConfig.rope_original_max_len is required by rope_type={self.rope_type!r} '
+                       '(the pretraining context length).')
+    if self.rope_type == 'llama3' and not self.rope_high_freq_factor > self.rope_low_freq_factor:
+      raise ValueError(f'ModelConfig.rope_high_freq_factor={self.rope_high_freq_factor} must exceed '
+                       f'rope_low_freq_factor={self.rope_low_freq_factor}.')
 
   @property
   def head_width(self) -> int:

@@ -35,9 +35,10 @@ member's normalization statistics are kept as `rmjax_normalization` (`{'mean', '
 last token of the mask: they agree when the pad id never occurs as a real token.
 
 Rotary settings are read from the current `rope_parameters` and from the older
-`rope_theta` + `rope_scaling` forms. rmjax's rotary tables have a base only, so the
-supported rope types are 'default' and 'dynamic' (which equals 'default' up to
-`original_max_position_embeddings`, to which `max_len` is then capped); others raise.
+`rope_theta` + `rope_scaling` forms into `ModelConfig`'s rope fields: types 'default',
+'linear', 'llama3' and 'yarn' (formulas in `ModelConfig`), and 'dynamic', which equals
+'default' up to `original_max_position_embeddings`, to which `max_len` is then capped.
+'longrope' and other types raise; `config_to_hf` writes the fields back as `rope_parameters`.
 """
 from __future__ import annotations
 
@@ -202,27 +203,61 @@ class HFInfo(NamedTuple):
   raw: dict[str, Any]
 
 
-def _rope(cfg: Mapping[str, Any], where: str) -> tuple[float, int | None]:
-  """(rope_theta, max_len cap or None) from `rope_parameters` or `rope_theta` + `rope_scaling`."""
-  params = cfg.get('rope_parameters') or cfg.get('rope_scaling') or {}
+def _rope(cfg: Mapping[str, Any], where: str) -> tuple[dict[str, Any], int | None]:
+  """(`ModelConfig` rope fields, max_len cap or None) from `rope_parameters` or `rope_theta` + `rope_scaling`.
+
+  Defaults as `transformers` reads them: `original_max_position_embeddings` from the top level
+  of config.json, else the rope dict, else `max_position_embeddings`; YaRN's `factor` defaults
+  to max / original length, its attention factor to mscale / mscale_all_dim when both are
+  given (else `ModelConfig`'s 0.1 ln(factor) + 1), `beta_fast` / `beta_slow` to 32 / 1.
+  """
+  field = 'rope_parameters' if cfg.get('rope_parameters') else 'rope_scaling'
+  params = cfg.get(field) or {}
   if params and all(isinstance(v, Mapping) for v in params.values()):  # one entry per layer type
     distinct = {json.dumps(v, sort_keys=True) for v in params.values()}
     if len(distinct) > 1:
       raise ValueError(f'{where}: rope_parameters differ between layer types {sorted(params)}; rmjax has one '
                        'rotary table for all layers.')
     params = next(iter(params.values()))
-  theta = float(params.get('rope_theta', cfg.get('rope_theta', 10000.0)))
+  fields: dict[str, Any] = {'rope_theta': float(params.get('rope_theta', cfg.get('rope_theta', 10000.0)))}
   rope_type = params.get('rope_type', params.get('type', 'default'))
   partial = params.get('partial_rotary_factor', cfg.get('partial_rotary_factor', 1.0))
   if partial != 1.0:
     raise ValueError(f'{where}: partial_rotary_factor={partial}; rmjax rotates the whole head (1.0).')
+  max_len = int(cfg.get('max_position_embeddings', 2048))
+  original = int(cfg.get('original_max_position_embeddings') or params.get('original_max_position_embeddings')
+                 or max_len)
   if rope_type == 'default':
-    return theta, None
+    return fields, None
   if rope_type == 'dynamic':
-    return theta, int(params.get('original_max_position_embeddings', cfg['max_position_embeddings']))
-  raise ValueError(f'{where}: rope type {rope_type!r} is not supported: rmjax\'s rotary tables have a base only '
-                   '(ModelConfig.rope_theta), so the supported types are "default" and "dynamic" (exact up to '
-                   'original_max_position_embeddings).')
+    return fields, int(params.get('original_max_position_embeddings', max_len))
+
+  def need(key: str) -> float:
+    if params.get(key) is None:
+      raise ValueError(f'{where}: {field} of rope type {rope_type!r} has no {key!r}.')
+    return float(params[key])
+
+  if rope_type == 'linear':
+    return fields | dict(rope_type='linear', rope_factor=need('factor')), None
+  if rope_type == 'llama3':
+    return fields | dict(rope_type='llama3', rope_factor=need('factor'), rope_original_max_len=original,
+                         rope_low_freq_factor=need('low_freq_factor'),
+                         rope_high_freq_factor=need('high_freq_factor')), None
+  if rope_type == 'yarn':
+    factor = float(params['factor']) if params.get('factor') is not None else max_len / original
+    attention = params.get('attention_factor')
+    mscale, mscale_all_dim = params.get('mscale'), params.get('mscale_all_dim')
+    if attention is None and mscale and mscale_all_dim and factor > 1:
+      attention = (0.1 * mscale * math.log(factor) + 1) / (0.1 * mscale_all_dim * math.log(factor) + 1)
+    return fields | dict(
+        rope_type='yarn', rope_factor=factor, rope_original_max_len=original,
+        rope_attention_factor=None if attention is None else float(attention),
+        rope_beta_fast=float(params.get('beta_fast') or 32), rope_beta_slow=float(params.get('beta_slow') or 1),
+        rope_truncate=bool(params.get('truncate', True))), None
+  raise ValueError(f"{where}: {field}['rope_type']={rope_type!r} is not supported; rmjax reads 'default', "
+                   "'dynamic' (exact up to original_max_position_embeddings, to which max_len is capped), "
+                   "'linear', 'llama3' and 'yarn' ('longrope' would need per-dimension factor lists switched by "
+                   'sequence length).')
 
 
 def config_from_hf(cfg: Mapping[str, Any], *, dtype: str = 'float32', where: str = CONFIG_FILE) -> ModelConfig:
@@ -236,7 +271,7 @@ def config_from_hf(cfg: Mapping[str, Any], *, dtype: str = 'float32', where: str
       raise ValueError(f'{where}: hidden_act={cfg["hidden_act"]!r}; the llama family uses "silu".')
     width, heads = int(cfg['hidden_size']), int(cfg['num_attention_heads'])
     head_dim = cfg.get('head_dim') or width // heads
-    theta, cap = _rope(cfg, where)
+    rope, cap = _rope(cfg, where)
     max_len = int(cfg.get('max_position_embeddings', 2048))
     if model_type == 'qwen2' and cfg.get('use_sliding_window'):
       cap = min(cap or max_len, int(cfg['sliding_window']))
@@ -245,9 +280,10 @@ def config_from_hf(cfg: Mapping[str, Any], *, dtype: str = 'float32', where: str
         width=width, mlp_width=int(cfg['intermediate_size']), num_layers=int(cfg['num_hidden_layers']),
         num_heads=heads, num_kv_heads=int(cfg.get('num_key_value_heads') or heads), family='llama',
         head_dim=None if head_dim * heads == width else int(head_dim), max_len=min(max_len, cap or max_len),
-        rope_theta=theta, norm_eps=float(cfg.get('rms_norm_eps', 1e-6)),
+        norm_eps=float(cfg.get('rms_norm_eps', 1e-6)),
         tie_embeddings=bool(cfg.get('tie_word_embeddings', False)),
-        attn_bias=model_type == 'qwen2' or bool(cfg.get('attention_bias', False)), mlp_bias=mlp_bias, **common)
+        attn_bias=model_type == 'qwen2' or bool(cfg.get('attention_bias', False)), mlp_bias=mlp_bias, **rope,
+        **common)
   if model_type == 'gpt2':
     act = cfg.get('activation_function', 'gelu_new')
     if act not in _GPT2_ACTS:
@@ -274,6 +310,23 @@ def _model_type(config: ModelConfig) -> str:
   return 'qwen2' if config.attn_bias and not config.mlp_bias else 'llama'
 
 
+def _rope_parameters(config: ModelConfig) -> dict[str, Any]:
+  """`rope_parameters` of config.json for the rope fields of `config` (inverse of `_rope`)."""
+  c = config
+  out: dict[str, Any] = {'rope_type': c.rope_type, 'rope_theta': c.rope_theta}
+  if c.rope_type != 'default':
+    out['factor'] = c.rope_factor
+  if c.rope_type in ('llama3', 'yarn'):
+    out['original_max_position_embeddings'] = c.rope_original_max_len
+  if c.rope_type == 'llama3':
+    out.update(low_freq_factor=c.rope_low_freq_factor, high_freq_factor=c.rope_high_freq_factor)
+  if c.rope_type == 'yarn':
+    out.update(beta_fast=c.rope_beta_fast, beta_slow=c.rope_beta_slow, truncate=c.rope_truncate)
+    if c.rope_attention_factor is not None:
+      out['attention_factor'] = c.rope_attention_factor
+  return out
+
+
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
   """The `config.json` fields (without architectures / labels) for `config`."""
   model_type = _model_type(config)
@@ -289,8 +342,8 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
              num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
              head_dim=config.head_width, max_position_embeddings=config.max_len, rms_norm_eps=config.norm_eps,
              hidden_act='silu', tie_word_embeddings=config.tie_embeddings,
-             rope_parameters={'rope_type': 'default', 'rope_theta': config.rope_theta},
-             rope_theta=config.rope_theta, attention_dropout=0.0, dtype=dtype)
+             rope_parameters=_rope_parameters(config), rope_theta=config.rope_theta, attention_dropout=0.0,
+             dtype=dtype)
   if model_type == 'llama':
     out.update(attention_bias=config.attn_bias, mlp_bias=config.mlp_bias)
   return out

@@ -44,6 +44,7 @@ would otherwise clamp the write).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -106,11 +107,42 @@ class Norm(nn.Module):
     return y.astype(jnp.dtype(c.dtype))
 
 
-def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-  """cos, sin `[B, T, 1, hd/2]` for angles `positions * theta^(-2i/hd)`, i < hd/2 (RoFormer)."""
-  inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+def rope_tables(positions: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
+  """cos, sin `[B, T, 1, hd/2]` of angles `positions * w_i`, i < hd/2 (RoFormer), in float32.
+
+  w_i = rope_theta^(-2i/hd) for 'default', rescaled per `config.rope_type` ('linear', 'llama3',
+  'yarn'; formulas and sources in `ModelConfig`); for 'yarn' cos and sin are also multiplied
+  by the attention factor (which scales every attention logit by its square).
+  """
+  c = config
+  hd = c.head_width
+  inv_freq = c.rope_theta ** (-jnp.arange(0, hd, 2, dtype=jnp.float32) / hd)
+  scale = 1.0
+  if c.rope_type == 'linear':
+    inv_freq = inv_freq / c.rope_factor
+  elif c.rope_type == 'llama3':
+    # g = L / wavelength, mapped from [low, high] onto [0, 1]: 0 -> w / s, 1 -> w.
+    rotations = c.rope_original_max_len * inv_freq / (2 * math.pi)
+    g = jnp.clip((rotations - c.rope_low_freq_factor) / (c.rope_high_freq_factor - c.rope_low_freq_factor), 0, 1)
+    inv_freq = (1 - g) * inv_freq / c.rope_factor + g * inv_freq
+  elif c.rope_type == 'yarn':
+    def index(rotations):  # the (fractional) i whose frequency turns `rotations` times over L
+      return hd * math.log(c.rope_original_max_len / (2 * math.pi * rotations)) / (2 * math.log(c.rope_theta))
+    low, high = index(c.rope_beta_fast), index(c.rope_beta_slow)
+    if c.rope_truncate:
+      low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, hd - 1)
+    high = high + 0.001 if low == high else high
+    ramp = jnp.clip((jnp.arange(hd // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)  # 1 - g_i
+    inv_freq = ramp * inv_freq / c.rope_factor + (1 - ramp) * inv_freq
+    scale = c.rope_attention_factor
+    if scale is None:
+      scale = 0.1 * math.log(c.rope_factor) + 1.0 if c.rope_factor > 1 else 1.0
   angles = positions.astype(jnp.float32)[..., None] * inv_freq
-  return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+  cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+  if scale != 1.0:
+    cos, sin = cos * scale, sin * scale
+  return cos, sin
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -210,7 +242,7 @@ class Transformer(nn.Module):
     if c.family == 'gpt2':
       x = x + self.pos_embed(positions)
     else:
-      rope = rope_tables(positions, c.head_width, c.rope_theta)
+      rope = rope_tables(positions, c)
     if cache is None:
       index = jnp.zeros((), jnp.int32)
       key_valid, key_slot = mask, jnp.arange(t)
