@@ -131,7 +131,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, redo: tuple[str, ...] =
               'sampling': _sampling_fields(config.data), 'num_eval': config.bon.num_prompts}
   dirs = {'policy': policy_stage.dir, 'gold': gold_stage.dir, 'proxies': proxies_stage.dir}
   reward_fn = lambda name, members: objective_reward(config, name, members, _stats(proxy_meta))
-  rl_stages = [pipe.build(f'rl_{name}', lambda d, name=name: study_rl.run(config, d, name, dirs, reward_fn),
+  rl_stages = [pipe.build(f'rl_{name}', lambda d, name=name: study_rl.run(config, d, name, dirs, reward_fn, gold),
                           reads={**rl_reads, 'objective': name, 'options': config[name] if name in config else None},
                           after=[policy_stage, gold_stage, proxies_stage], summary=lambda out: out)[0]
                for name in config.rl.objectives]
@@ -153,7 +153,8 @@ def bon_samples(config, folder: pathlib.Path, policy_params, policy_cfg, gold, p
   """Stage `bon`: draw N samples per held-out prompt once and score them by every member and the gold.
 
   Saves (and, when present, loads) `samples.npz` — gold `[P, N]` (normalized), members `[K, P, N]`
-  (raw), lengths `[P, N]` — and `samples.json` (prompts and response texts).
+  (raw), lengths `[P, N]`, grammatical share of the sentences `[P, N]` — and `samples.json`
+  (prompts and response texts).
   """
   b = config.bon
   samples_file = folder / 'samples.npz'
@@ -166,13 +167,13 @@ def bon_samples(config, folder: pathlib.Path, policy_params, policy_cfg, gold, p
     responses = rm_world.sample_responses(sample_config, policy_params, policy_cfg, flat_prompts, tok,
                                           split_seed=7, desc='best-of-n samples')
     pairs = list(zip(flat_prompts, responses))
-    gold_model, gold_params, gold_norm = gold
-    gold_raw = rm_world.score_texts(sample_config, gold_model, gold_params, tok, pairs, desc='gold scores')[0]
     members = rm_world.score_texts(sample_config, RewardModel.from_dict(proxy_meta['model']), proxy_params, tok,
                                    pairs, desc='proxy scores')
-    arrays = {'gold': ((gold_raw - gold_norm.mean[0]) / gold_norm.std[0]).reshape(n_prompts, n_samples),
+    arrays = {'gold': gold.score(sample_config, tok, pairs).reshape(n_prompts, n_samples),
               'members': members.reshape(-1, n_prompts, n_samples),
-              'lengths': np.array([len(tok.encode(t)) for t in responses]).reshape(n_prompts, n_samples)}
+              'lengths': np.array([len(tok.encode(t)) for t in responses]).reshape(n_prompts, n_samples),
+              'grammatical': np.array([gold.grammar.grammatical_share(t) for t in responses]).reshape(n_prompts,
+                                                                                                      n_samples)}
     (folder / 'samples.json').write_text(json.dumps({'prompts': prompts, 'texts': responses}))
     np.savez(folder / 'samples.tmp.npz', **arrays)
     (folder / 'samples.tmp.npz').replace(samples_file)
@@ -188,8 +189,9 @@ def bon_curves(config, samples: dict, stats: objectives.RewardStats) -> dict:
   curves = []
   for name in config.objectives:
     proxy = objective_reward(config, name, samples['members'], stats)  # [P, N]
-    curve = bon_curve(name, proxy, samples['gold'], samples['lengths'], ids, ns, int(config.seed),
-                      ensemble=None if name == SINGLE else 'finetune')
+    curve = bon_curve(name, proxy, samples['gold'], {'length': samples['lengths'],
+                                                     'grammatical': samples['grammatical']},
+                      ids, ns, int(config.seed), ensemble=None if name == SINGLE else 'finetune')
     curve['examples'] = _examples(samples, proxy, samples['gold'], ns[-1])
     curves.append(curve)
   return {'ns': ns, 'curves': curves}
@@ -218,19 +220,20 @@ def objective_reward(config, name: str, members: np.ndarray, stats: objectives.R
   return out.reshape(p, n)
 
 
-def bon_curve(method: str, proxy: np.ndarray, gold: np.ndarray, lengths: np.ndarray, ids: np.ndarray,
+def bon_curve(method: str, proxy: np.ndarray, gold: np.ndarray, traits: dict[str, np.ndarray], ids: np.ndarray,
               ns: list[int], seed: int, ensemble: str | None) -> dict:
   """One best-of-n curve: per n, KL (bound and plug-in), proxy and gold reward relative to n = 1
-  (mean over prompts, with 95% bootstrap intervals over prompts), response length, and the fit."""
-  per_prompt = {name: bon_lib.expected_best_of_n(proxy, s, ns) for name, s in
-                (('proxy', proxy), ('gold', gold), ('length', lengths.astype(np.float64)))}
+  (mean over prompts, with 95% bootstrap intervals over prompts), the mean of each of `traits`
+  (`[P, N]` per sample: response length, grammatical share) at the chosen samples, and the fit."""
+  per_prompt = {name: bon_lib.expected_best_of_n(proxy, s.astype(np.float64), ns) for name, s in
+                (('proxy', proxy), ('gold', gold), *traits.items())}
   base_proxy, base_gold = proxy.mean(axis=1, keepdims=True), gold.mean(axis=1, keepdims=True)
   rel = {'proxy': per_prompt['proxy'] - base_proxy, 'gold': per_prompt['gold'] - base_gold}
   curve = {'method': method, 'optimizer': 'bon', 'ensemble': ensemble, 'kl_coef': None, 'seed': seed, 'n': ns,
            'kl': bon_lib.kl_bound(np.array(ns)).tolist(),
            'kl_plugin': [float(np.mean([bon_lib.plugin_kl(proxy[i], ids[i], n) for i in range(len(proxy))]))
                          for n in ns],
-           'length': per_prompt['length'].mean(0).tolist()}
+           **{name: per_prompt[name].mean(0).tolist() for name in traits}}
   for name in ('proxy', 'gold'):
     mean, lo, hi = fits.bootstrap_ci(rel[name], axis=0, seed=seed)
     curve[f'{name}_reward'], curve[f'{name}_reward_ci'] = mean.tolist(), [lo.tolist(), hi.tolist()]

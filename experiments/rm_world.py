@@ -4,12 +4,23 @@ Stages, each stored under the workdir and skipped (or resumed) when already ther
 
 1. `policy/`: a base policy (causal LM) pretrained by next-token prediction on documents
    (prompt + continuation) of the built-in synthetic language (`rmjax.data.Grammar`).
-2. `gold/`: the gold reward model standing in for human preferences (as in Gao et al.,
-   "Scaling Laws for Reward Model Overoptimization"): a transformer reward model larger than
-   the proxies, with random weights drawn from the run seed, its scores normalized to mean 0
-   and std 1 over base-policy samples. Its score of a text is the last-token read-out of that
-   network: a fixed, smooth but non-linear function of the whole prompt + response, which the
-   proxies can only learn approximately from a few thousand labeled pairs.
+2. `gold/`: the gold reward standing in for human preferences (as in Gao et al., "Scaling
+   Laws for Reward Model Overoptimization"), a fixed function of prompt x and response y with
+   two parts (`Gold`):
+
+     gold(x, y) = (z(x, y) + w · g(y) − μ) / σ
+
+   z is the last-token read-out of a transformer reward model larger than the proxies, with
+   random weights drawn from the run seed, standardized over base-policy samples: a smooth but
+   non-linear function of the whole text, which the proxies learn only approximately from a
+   few thousand labeled pairs. g is fluency under the world's grammar: the share of the
+   response's sentences that parse (`Grammar.grammatical_share`; a cut-off sentence does not
+   parse), weighted by w = `world.gold_fluency` (units of z's std: a response none of whose
+   sentences parse loses w std against one whose sentences all parse). μ, σ standardize the
+   sum over base-policy samples. Without g, a random network rates degenerate text (repeated
+   non-words) as arbitrarily as anything else, so the gold could be exploited in the same
+   direction as the proxies; with it, text the grammar rejects is worse, as it would be to a
+   reader of the language.
 3. `data/`: preference pairs — two responses per prompt sampled from the base policy, labeled
    by the gold's ordering (with an optional share of flipped labels) or by Bradley–Terry
    sampling from the gold — written as a TFDS dataset (array_record).
@@ -19,8 +30,10 @@ Stages, each stored under the workdir and skipped (or resumed) when already ther
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -52,8 +65,10 @@ def world_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
   w.policy = ml_collections.ConfigDict(dict(
       model=config_lib.model('tiny'), optim=config_lib.optim(lr=3e-3, warmup_steps=20),
       train=config_lib.train(300, batch_size=32, checkpoint_every=100), seq_len=128))
-  # The gold reward model: a larger transformer than the proxies (module docstring).
+  # The gold reward: a larger transformer than the proxies plus fluency under the grammar,
+  # weighted in units of the network's std (module docstring).
   w.gold = config_lib.model('tiny', width=128, mlp_width=344, num_layers=4, num_heads=4, num_kv_heads=2)
+  w.gold_fluency = 1.0
   if variant == 'test':
     w.num_prompts = 64
     w.num_documents = 512
@@ -87,6 +102,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   C.require_range(config, 'data.flip_prob', 0.0, 0.5)
   C.require_positive(config, 'data.temperature', allow_zero=True)
   C.require_positive(config, 'world.policy.train.steps', 'world.policy.train.batch_size')
+  C.require_positive(config, 'world.gold_fluency', allow_zero=True)
   rm_trainer.validate(config)
   if config.data.label == 'bradley_terry' and config.data.flip_prob > 0:
     raise config_lib.ConfigError('config.data.flip_prob > 0 with data.label=bradley_terry stacks label '
@@ -186,32 +202,69 @@ def score_texts(config, rm: RewardModel, params, tok: Tokenizer, pairs: list[tup
   return np.concatenate(out, axis=1)
 
 
-def make_gold(config, workdir: pathlib.Path, policy_params, policy_cfg, prompts, tok: Tokenizer):
-  """Stage 2: the gold reward model (random weights from the seed; see the module docstring).
+@dataclasses.dataclass(frozen=True)
+class Gold:
+  """The gold reward (module docstring): gold(x, y) = (z(x, y) + w · g(y) − μ) / σ.
 
-  Its normalization (mean, std of raw scores over 256 base-policy responses) is saved with it;
-  the pairs carry normalized gold scores, so a Bradley-Terry temperature has a fixed meaning. Saved as a self-describing checkpoint in `workdir`, for later stages and studies.
-  Returns (model, params, normalization).
+  `model`, `params`: the gold network; `net_norm`: z's standardization (mean, std of the
+  network's raw score over base-policy samples; the checkpoint's `normalization`, which the RL
+  trainer applies to its gold scores); `grammar`: g's grammar; `weight`: w; `mean`, `std`: μ, σ.
+  """
+  model: RewardModel
+  params: Any
+  net_norm: objectives.RewardStats
+  grammar: Grammar
+  weight: float
+  mean: float
+  std: float
+
+  def net(self, config, tok: Tokenizer, texts: list[tuple[str, str]], desc: str = 'gold scores') -> np.ndarray:
+    """z `[N]` of (prompt, response) texts."""
+    raw = score_texts(config, self.model, self.params, tok, texts, desc=desc)[0]
+    return (raw - self.net_norm.mean[0]) / self.net_norm.std[0]
+
+  def from_net(self, z: np.ndarray, responses: list[str]) -> np.ndarray:
+    """gold `[N]` from z `[N]` and the response texts."""
+    g = np.array([self.grammar.grammatical_share(r) for r in responses])
+    return (np.asarray(z) + self.weight * g - self.mean) / self.std
+
+  def score(self, config, tok: Tokenizer, texts: list[tuple[str, str]], desc: str = 'gold scores') -> np.ndarray:
+    """gold `[N]` of (prompt, response) texts."""
+    return self.from_net(self.net(config, tok, texts, desc), [r for _, r in texts])
+
+
+def make_gold(config, workdir: pathlib.Path, policy_params, policy_cfg, prompts, tok: Tokenizer) -> Gold:
+  """Stage 2: the gold reward (random network weights from the seed; see the module docstring).
+
+  z's and the sum's standardizations are measured on 256 base-policy responses and saved with
+  the network as a self-describing checkpoint in `workdir`, for later stages and studies.
   """
   gold_cfg = config_lib.model_config(config.world.gold, vocab_size=tok.vocab_size)
-  gold = RewardModel(gold_cfg, num_members=1, kind='full')
+  model = RewardModel(gold_cfg, num_members=1, kind='full')
+  grammar, weight = Grammar.random(config.seed), float(config.world.gold_fluency)
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=1, async_save=False)
   try:
     if ckpt.latest_step() is None:
-      params = gold.init(jax.random.fold_in(jax.random.key(int(config.seed)), 0x601D))
+      params = model.init(jax.random.fold_in(jax.random.key(int(config.seed)), 0x601D))
       ref = sample_candidates(config, policy_params, policy_cfg, prompts, tok, 128, split_seed=3)
-      raw = score_texts(config, gold, params, tok, [(p, r) for _, p, a, b in ref for r in (a, b)])[0]
-      norm = objectives.RewardStats(mean=np.array([raw.mean()]), std=np.array([max(raw.std(), 1e-6)]))
-      meta = loop.describe(config, kind='reward_model', model=gold.to_dict(), tokenizer=tok.to_dict(),
-                                 role='gold', normalization={'mean': norm.mean.tolist(), 'std': norm.std.tolist()})
+      texts = [(p, r) for _, p, a, b in ref for r in (a, b)]
+      raw = score_texts(config, model, params, tok, texts)[0]
+      net_norm = objectives.RewardStats(mean=np.array([raw.mean()]), std=np.array([max(raw.std(), 1e-6)]))
+      unit = Gold(model, params, net_norm, grammar, weight, mean=0.0, std=1.0)
+      total = unit.from_net((raw - net_norm.mean[0]) / net_norm.std[0], [r for _, r in texts])
+      meta = loop.describe(config, kind='reward_model', model=model.to_dict(), tokenizer=tok.to_dict(),
+                           role='gold', normalization={'mean': net_norm.mean.tolist(), 'std': net_norm.std.tolist()},
+                           fluency={'weight': weight, 'mean': float(total.mean()), 'std': float(max(total.std(), 1e-6))})
       ckpt.save(0, {'params': params}, meta, force=True)
       ckpt.wait()
     state, meta = checkpoint.load(workdir)
   finally:
     ckpt.close()
-  norm = objectives.RewardStats(mean=np.asarray(meta['normalization']['mean']),
-                                std=np.asarray(meta['normalization']['std']))
-  return gold, jax.tree.map(jnp.asarray, state['params']), norm
+  net_norm = objectives.RewardStats(mean=np.asarray(meta['normalization']['mean']),
+                                    std=np.asarray(meta['normalization']['std']))
+  f = meta['fluency']
+  return Gold(model, jax.tree.map(jnp.asarray, state['params']), net_norm, grammar, weight=f['weight'],
+              mean=f['mean'], std=f['std'])
 
 
 def make_pairs(config, workdir: pathlib.Path, policy_params, policy_cfg, gold, prompts, tok):
@@ -226,9 +279,7 @@ def make_pairs(config, workdir: pathlib.Path, policy_params, policy_cfg, gold, p
   def candidates(split):
     num, split_seed = (int(d.num_train), 1) if split == 'train' else (int(d.num_eval), 2)
     rows = sample_candidates(config, policy_params, policy_cfg, prompts, tok, num, split_seed)
-    model, params, norm = gold
-    raw = score_texts(config, model, params, tok, [(p, r) for _, p, a, b in rows for r in (a, b)])[0]
-    scores = (raw - norm.mean[0]) / norm.std[0]
+    scores = gold.score(config, tok, [(p, r) for _, p, a, b in rows for r in (a, b)])
     for (pid, prompt, a, b), ga, gb in zip(rows, scores[0::2], scores[1::2]):
       yield pid, prompt, a, b, float(ga), float(gb)
 

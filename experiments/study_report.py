@@ -41,7 +41,7 @@ def _fmt_ci(mean: float, lo: float, hi: float) -> str:
 
 def _table(curves: list[dict]) -> list[str]:
   rows = ['| method | peak gold [95% CI] | KL at peak | gold at largest KL [95% CI] | proxy at largest KL | '
-          'length at largest KL | fit α, β (R²) |', '|---|---|---|---|---|---|---|']
+          'length at largest KL | grammatical at largest KL | fit α, β (R²) |', '|---|---|---|---|---|---|---|---|']
   for c in curves:
     g = np.asarray(c['gold_reward'])
     lo, hi = (np.asarray(x) for x in c['gold_reward_ci'])
@@ -49,6 +49,7 @@ def _table(curves: list[dict]) -> list[str]:
     f = c['fits']['gold']
     rows.append(f'| {c["method"]} | {_fmt_ci(g[i], lo[i], hi[i])} | {c["kl"][i]:.2f} | '
                 f'{_fmt_ci(g[-1], lo[-1], hi[-1])} | {c["proxy_reward"][-1]:+.3f} | {c["length"][-1]:.1f} | '
+                f'{c["grammatical"][0]:.2f} → {c["grammatical"][-1]:.2f} | '
                 f'{f["alpha"]:.3f}, {f["beta"]:.3f} ({f["r2"]:.2f}) |')
   return rows
 
@@ -74,7 +75,7 @@ def seed_groups(curves: list[dict]) -> list[dict]:
     n = min(len(c['step']) for c in members)
     g = {'method': method, 'kl_coef': beta, 'seeds': [c['seed'] for c in members], 'step': members[0]['step'][:n],
          'label': f'{method} β={beta:g}', 'examples': members[0]['examples']}
-    for key in ('kl', 'proxy_reward', 'gold_reward', 'length'):
+    for key in ('kl', 'proxy_reward', 'gold_reward', 'length', 'grammatical'):
       values = np.asarray([c[key][:n] for c in members], np.float64)  # [seeds, steps]
       mean, lo, hi = fits.bootstrap_ci(values, axis=0)
       g[key], g[f'{key}_ci'] = mean.tolist(), [lo.tolist(), hi.tolist()]
@@ -86,7 +87,7 @@ def seed_groups(curves: list[dict]) -> list[dict]:
 
 def _rl_table(groups: list[dict]) -> list[str]:
   rows = ['| method | KL coef | seeds | peak gold | KL at peak | final KL | final gold [95% CI over seeds] | '
-          'final proxy | final length | fit α, β (R²) |', '|---|---|---|---|---|---|---|---|---|---|']
+          'final proxy | final length | grammatical | fit α, β (R²) |', '|---|---|---|---|---|---|---|---|---|---|---|']
   for g in groups:
     gold = np.asarray(g['gold_reward'])
     i = int(np.argmax(gold))
@@ -94,7 +95,8 @@ def _rl_table(groups: list[dict]) -> list[str]:
     f = g['fits']['gold']
     rows.append(f'| {g["method"]} | {g["kl_coef"]:g} | {len(g["seeds"])} | {gold[i]:+.3f} | {g["kl"][i]:.2f} | '
                 f'{g["kl"][-1]:.2f} | {_fmt_ci(gold[-1], lo, hi)} | {g["proxy_reward"][-1]:+.3f} | '
-                f'{g["length"][-1]:.1f} | {f["alpha"]:.3f}, {f["beta"]:.3f} ({f["r2"]:.2f}) |')
+                f'{g["length"][-1]:.1f} | {g["grammatical"][0]:.2f} → {g["grammatical"][-1]:.2f} | '
+                f'{f["alpha"]:.3f}, {f["beta"]:.3f} ({f["r2"]:.2f}) |')
   return rows
 
 
@@ -144,7 +146,8 @@ def write(config, workdir: pathlib.Path, stages: dict) -> dict:
       '# Reward-model overoptimization on the synthetic world', '',
       f'Seed {config.seed}. Gold and proxy rewards are relative to the base policy (R(0) = 0) in units of each '
       "model's std on base-policy samples; best-of-n KL is log n − (n−1)/n (plug-in value over the distinct "
-      'samples in the KL table). 95% intervals: bootstrap over held-out prompts.', '',
+      'samples in the KL table). 95% intervals: bootstrap over held-out prompts. "Grammatical": the mean '
+      'share of response sentences that parse under the world\'s grammar, base policy → largest KL.', '',
       '## Proxies', '',
       f'Held-out agreement with the gold\'s noiseless ordering: ensemble mean {ev.get("eval/gold_accuracy", float("nan")):.3f}; '
       + ', '.join(f'member {k.rsplit("_", 1)[1]} {v:.3f}' for k, v in sorted(ev.items())

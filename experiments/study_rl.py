@@ -84,32 +84,34 @@ def validate(config) -> None:
                         f'{config.data.seq_len}, the width the proxies were trained on.')
 
 
-def run(config, folder: pathlib.Path, name: str, dirs: dict, reward_fn) -> list[dict]:
+def run(config, folder: pathlib.Path, name: str, dirs: dict, reward_fn, gold) -> list[dict]:
   """Stage `rl_<name>`: trains (or resumes) the population in `folder`; returns its curves.
 
   dirs: the `policy`, `gold` and `proxies` stage folders. reward_fn(name, members [K, P, N]) ->
-  the objective's reward `[P, N]` (as for best-of-n).
+  the objective's reward `[P, N]` (as for best-of-n). gold: the `rm_world.Gold` (the trainer
+  scores rollouts with its network part z; the curves add the fluency part).
   """
   c = rl_config(config, name, dirs['policy'], dirs['gold'], dirs['proxies'])
   population.run(c, str(folder))
   members = population.parse_members(c)
   group = int(config.rl.group_size)
   return [member_curve(name, folder / 'members' / str(i), m.seed, m.values['objective.kl_penalty.beta'],
-                       group, reward_fn) for i, m in enumerate(members)]
+                       group, reward_fn, gold) for i, m in enumerate(members)]
 
 
 def _rollouts(path: pathlib.Path) -> list[dict]:
   return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
-def member_curve(name: str, member_dir: pathlib.Path, seed: int, beta: float, group: int, reward_fn) -> dict:
+def member_curve(name: str, member_dir: pathlib.Path, seed: int, beta: float, group: int, reward_fn,
+                 gold) -> dict:
   """One member's RL curve over its saved steps (module docstring)."""
   kl_at = {int(r['step']): r['eval/kl/k1'] for r in read_metrics(member_dir / 'metrics.jsonl') if 'eval/kl/k1' in r}
   steps = sorted(int(p.stem) for p in (member_dir / 'rollouts').glob('*.jsonl'))
   if not steps or steps[0] != 0 or any(s not in kl_at for s in steps):
     raise RuntimeError(f'{member_dir}: rollouts at steps {steps} and evaluations at {sorted(kl_at)} do not line up; '
                        'rerun the stage with --redo.')
-  per_step = {'proxy': [], 'gold': [], 'length': []}
+  per_step = {'proxy': [], 'gold': [], 'length': [], 'grammatical': []}
   texts = {}
   for s in steps:
     rows = _rollouts(member_dir / 'rollouts' / f'{s}.jsonl')
@@ -117,12 +119,15 @@ def member_curve(name: str, member_dir: pathlib.Path, seed: int, beta: float, gr
     n_prompts = scores.shape[1] // group
     proxy = reward_fn(name, scores.reshape(scores.shape[0], n_prompts, group))  # [P, group]
     per_step['proxy'].append(proxy.mean(1))
-    per_step['gold'].append(np.asarray([r['gold'] for r in rows]).reshape(n_prompts, group).mean(1))
+    responses = [r['text'] for r in rows]
+    full_gold = gold.from_net(np.asarray([r['gold'] for r in rows]), responses)
+    per_step['gold'].append(full_gold.reshape(n_prompts, group).mean(1))
     per_step['length'].append(np.mean([len(r['tokens']) for r in rows]))
-    texts[s] = rows
+    per_step['grammatical'].append(np.mean([gold.grammar.grammatical_share(t) for t in responses]))
+    texts[s] = [dict(r, gold=float(v)) for r, v in zip(rows, full_gold)]
   curve = {'method': name, 'optimizer': 'rl', 'ensemble': None if name == SINGLE else 'finetune',
            'kl_coef': beta, 'seed': seed, 'step': steps, 'kl': [float(kl_at[s]) for s in steps],
-           'length': [float(x) for x in per_step['length']]}
+           **{key: [float(x) for x in per_step[key]] for key in ('length', 'grammatical')}}
   for key in ('proxy', 'gold'):
     values = np.stack(per_step[key], axis=1)  # [P, steps]
     mean, lo, hi = fits.bootstrap_ci(values - values[:, :1], axis=0, seed=seed)

@@ -62,6 +62,18 @@ def test_killed_stage_has_no_record_and_reruns(tmp_path):
   assert stage.result == 'half' and not stage.skipped  # resumed in the same folder
 
 
+def test_gold_adds_weighted_fluency_then_standardizes():
+  from experiments.rm_world import Gold
+  from rmjax.data.synthetic_language import Grammar
+  grammar = Grammar.random(0)
+  lx = grammar.lexicon
+  ok, bad = f'{lx["Det_pl"][0]} {lx["N_pl"][0]} {lx["VI_pl"][0]}.', f'{lx["Det_pl"][0]} {lx["N_pl"][0]}.'
+  gold = Gold(model=None, params=None, net_norm=None, grammar=grammar, weight=0.5, mean=0.2, std=1.25)
+  got = gold.from_net(np.array([0.3, -0.2, 1.0]), [f' {ok}', f' {bad}', f' {ok} {bad}'])
+  want = [(0.3 + 0.5 * 1 - 0.2) / 1.25, (-0.2 + 0 - 0.2) / 1.25, (1.0 + 0.5 * 0.5 - 0.2) / 1.25]
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+
+
 @pytest.fixture(scope='module')
 def smoke(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('study')
@@ -82,6 +94,7 @@ def test_smoke_study_writes_results_plot_and_report(smoke):
     n = len(c['n'])
     assert c['optimizer'] == 'bon' and c['n'] == sorted(c['n'])
     assert len(c['kl']) == len(c['proxy_reward']) == len(c['gold_reward']) == len(c['kl_plugin']) == n
+    assert len(c['grammatical']) == n and all(0 <= x <= 1 for x in c['grammatical'])
     # relative to the base policy: zero at n = 1 (scores are float32, so to 1e-6)
     assert c['gold_reward'][0] == pytest.approx(0.0, abs=1e-6)
     assert c['proxy_reward'][0] == pytest.approx(0.0, abs=1e-6)
@@ -93,6 +106,7 @@ def test_smoke_study_writes_results_plot_and_report(smoke):
   for c in rl:
     assert c['step'] == [0, 2, 4] and c['seed'] == 0
     assert len(c['kl']) == len(c['proxy_reward']) == len(c['gold_reward']) == len(c['length']) == 3
+    assert len(c['grammatical']) == 3 and all(0 <= x <= 1 for x in c['grammatical'])
     # step 0 is the base policy: the policy equals its reference, so the KL is exactly 0
     assert c['kl'][0] == 0.0 and c['gold_reward'][0] == 0.0 and c['proxy_reward'][0] == 0.0
     assert c['kl'][-1] > 0

@@ -44,7 +44,7 @@ def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
   c.mean_minus_std = ml_collections.ConfigDict(dict(k=1.0))
 
   # 5. Best-of-n: N samples per held-out prompt drawn once; curves for n = 1, 2, 4, ..., n_max.
-  c.bon = ml_collections.ConfigDict(dict(num_prompts=64, samples=512, n_max=256, batch=512))
+  c.bon = ml_collections.ConfigDict(dict(num_prompts=64, samples=256, n_max=256, batch=512))
 
   # 6. RL: RLOO against each objective; seeds x KL-penalty coefficients as one vmapped population
   # per objective, evaluated on the best-of-n prompts every eval_every iterations (from 0).

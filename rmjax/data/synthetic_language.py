@@ -267,6 +267,17 @@ class Grammar:
     return _TEXT.fullmatch(text) is not None and all(
         self.sentence_probs(s).any() for s in _sentences(text))
 
+  def grammatical_share(self, text: str) -> float:
+    """The share of the sentences of `text` that parse (0 for an empty text).
+
+    Sentences are the '.'-terminated pieces of `text` (surrounding spaces stripped); an
+    unterminated trailing piece (a sentence cut off) counts as one that does not parse.
+    """
+    pieces = text.strip().split('.')
+    sentences = [s.strip() + '.' for s in pieces[:-1]]
+    total = len(sentences) + (1 if pieces[-1].strip() else 0)
+    return sum(bool(self.sentence_probs(s).any()) for s in sentences) / total if total else 0.0
+
 
 def _sentences(text: str) -> list[str]:
   return [s + '.' for s in text[:-1].split('. ')]

@@ -135,3 +135,14 @@ def test_option_errors():
     Grammar.random(0, min_prompt_bytes=50)
   with pytest.raises(ValueError, match='must be positive'):
     Grammar.random(0).documents(0, seed=0)
+
+
+def test_grammatical_share_by_hand(grammar):
+  lx = grammar.lexicon
+  ok = f'{lx["Det_sg"][0]} {lx["N_sg"][0]} {lx["VI_sg"][0]}.'
+  bad = f'{lx["Det_sg"][0]} {lx["N_sg"][0]} {lx["VI_pl"][0]}.'  # number disagreement
+  cases = {f' {ok}': 1.0, f'{ok} {bad}': 0.5, f' {ok} {ok} {bad} ': 2 / 3, bad: 0.0,
+           f'{ok} {ok[:-1]}': 0.5,  # a cut-off sentence counts as one that does not parse
+           f'{ok} {lx["Det_sg"][0]}': 0.5, f'{ok}.': 0.5, '': 0.0, '   ': 0.0, 'x.': 0.0}
+  for text, share in cases.items():
+    assert grammar.grammatical_share(text) == pytest.approx(share, abs=1e-12), text
