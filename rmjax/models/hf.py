@@ -27,10 +27,11 @@ The rmjax layout (`rmjax.models.transformer`) makes the mapping fixed:
     lm_head.weight [V, D]                    lm_head/kernel = lm_head.T (absent when tied)
     score.weight [K, D]                      reward_head/kernel = score.T, bias from config.json
 
-A sequence-classification head in `transformers` has no bias; the rmjax reward head's bias
-(zero after pairwise training, whose loss does not depend on it) is kept in `config.json`
-as `rmjax_score_bias`, so `transformers`' raw score is the rmjax score minus that bias. The
-member's normalization statistics are kept as `rmjax_normalization` (`{'mean', 'std'}`).
+A sequence-classification head in `transformers` has no bias, so `save` exports a reward model
+whose head bias is exactly 0 (train it with `ensemble.head_bias='zero'`, `rm_trainer`) and
+refuses any other unless `keep_score_bias=True`, which stores the bias in `config.json` as
+`rmjax_score_bias` (read back by `load`; `transformers`' raw score is then rmjax's minus it).
+The member's normalization statistics are kept as `rmjax_normalization` (`{'mean', 'std'}`).
 `transformers` scores a row at its rightmost token that is not `pad_token_id`, rmjax at the
 last token of the mask: they agree when the pad id never occurs as a real token.
 
@@ -591,7 +592,8 @@ def _normalization(normalization: Any, k: int) -> tuple[np.ndarray, np.ndarray] 
 
 def save(params: Params, config: ModelConfig | RewardModel, path: PathLike, *, tokenizer: Any = None,
          chat_template: Any = None, normalization: Any = None, pad_token_id: int | None = None,
-         max_shard_bytes: int | None = None, overwrite: bool = False) -> list[pathlib.Path]:
+         keep_score_bias: bool = False, max_shard_bytes: int | None = None,
+         overwrite: bool = False) -> list[pathlib.Path]:
   """Writes folders that `transformers` loads with `from_pretrained`; returns the folders written.
 
   config: a `ModelConfig` -> one causal-LM folder (`LlamaForCausalLM`, `Qwen2ForCausalLM` or
@@ -604,6 +606,9 @@ def save(params: Params, config: ModelConfig | RewardModel, path: PathLike, *, t
     model the pad id must differ from bos and eos, since `transformers` scores the rightmost
     token that is not the pad.
   normalization: per-member `mean`, `std` `[K]` (a `RewardStats` or a dict), kept in config.json.
+  keep_score_bias: a reward head bias that is not 0 is refused (transformers' head has none)
+    unless this is True; it is then stored as `rmjax_score_bias`, and transformers' raw score
+    is rmjax's minus it.
   max_shard_bytes: split the weights into shards of at most this size (plus the index file).
   Leaves are written in their stored dtype, tensor by tensor.
   """
@@ -629,16 +634,22 @@ def save(params: Params, config: ModelConfig | RewardModel, path: PathLike, *, t
                        'tokenizer with its own pad token, or pad_token_id=.')
     k = rm.num_members
     stats = _normalization(normalization, k)
+    bias = np.asarray(params['reward_head']['bias'], np.float64)
+    if np.any(bias != 0) and not keep_score_bias:
+      raise ValueError(f'save: the reward head bias is {bias.reshape(-1).tolist()}, not 0, and transformers\' '
+                       'score head has no bias. Train with config.ensemble.head_bias="zero" (pairwise losses do '
+                       'not depend on it; it then stays exactly 0), or pass keep_score_bias=True to store it as '
+                       'rmjax_score_bias in config.json (transformers\' raw score is then rmjax\'s minus it).')
     members = ([jax.tree.map(lambda x, i=i: np.asarray(x)[i], params) for i in range(k)] if rm.kind == 'full'
                else [params])
     folders = [path / f'{MEMBER_PREFIX}{i}' for i in range(k)] if rm.kind == 'full' else [path]
     labels = 1 if rm.kind == 'full' else k
     for i, (member, folder) in enumerate(zip(members, folders)):
-      bias = np.asarray(member['reward_head']['bias'], np.float64).reshape(-1)
       extra: dict[str, Any] = {'architectures': [cls + 'ForSequenceClassification'],
                                'id2label': {str(j): f'LABEL_{j}' for j in range(labels)},
-                               'label2id': {f'LABEL_{j}': j for j in range(labels)},
-                               'rmjax_score_bias': bias.tolist()}
+                               'label2id': {f'LABEL_{j}': j for j in range(labels)}}
+      if keep_score_bias:
+        extra['rmjax_score_bias'] = np.asarray(member['reward_head']['bias'], np.float64).reshape(-1).tolist()
       if stats is not None:
         sl = slice(i, i + 1) if rm.kind == 'full' else slice(None)
         extra['rmjax_normalization'] = {'mean': stats[0][sl].tolist(), 'std': stats[1][sl].tolist()}

@@ -10,6 +10,9 @@ exactly the gradient of its own loss; the optimizer runs per member (`per_member
 joint training equals K separate runs. With `bootstrap=True` member k weights example i by
 w_ki ~ Poisson(1) drawn from (run key, k, i): an online bootstrap resample that does not
 depend on how the data is batched (Oza & Russell, "Online bagging and boosting").
+With `ensemble.head_bias='zero'` the reward head's bias gets a zero gradient and keeps its
+initial value 0 exactly, so a score is `h · kernel` as in `transformers`' classification head
+(pairwise losses do not depend on the bias, but Adam would move it by rounding noise).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from rmjax.train import checkpoint, loop, optim
 from rmjax.train import state as state_lib
 
 _BOOTSTRAP_TAG = 0x0B00
+HEAD_BIAS = ('learned', 'zero')
 
 
 def bootstrap_weights(key: jax.Array, index: jax.Array, num_members: int) -> jax.Array:
@@ -157,6 +161,15 @@ def per_member(optimizer: optax.GradientTransformation) -> PerMember:
   return PerMember(init=jax.vmap(optimizer.init), update=jax.vmap(optimizer.update), inner=optimizer)
 
 
+def zero_head_bias(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`optimizer` after setting the gradient of `reward_head/bias` to 0: Adam's moments stay 0 and
+  so does the update, leaving the bias at its initial value bit for bit."""
+  def is_bias(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: tuple(getattr(k, 'key', None) for k in path) == ('reward_head', 'bias'), params)
+  return optax.chain(optax.masked(optax.set_to_zero(), is_bias), optimizer)
+
+
 def with_backbone(rm: RewardModel, params, backbone):
   """Replace the backbone of every member by `backbone` (e.g. a pretrained LM's `params['backbone']`)."""
   if rm.kind == 'full':
@@ -168,6 +181,9 @@ def validate(config) -> None:
   """Check the RM sections (`model`, `ensemble`, `loss`, `optim`, `train`, `eval`) before compiling."""
   C = config_lib
   C.require_choice(config, 'ensemble.kind', KINDS)
+  if config.ensemble.get('head_bias', 'learned') not in HEAD_BIAS:
+    raise config_lib.ConfigError(f'config.ensemble.head_bias={config.ensemble.head_bias!r}: expected one of '
+                                 f'{HEAD_BIAS}.')
   C.require_positive(config, 'ensemble.members', 'train.steps', 'train.batch_size', 'eval.batch_size')
   C.require_choice(config, 'loss.name', [e.name for e in objectives.entries('rm_loss')])
   C.require_choice(config, 'eval.aggregate', [e.name for e in objectives.entries('aggregation')])
@@ -196,6 +212,8 @@ def train(config, workdir, *, model_config: ModelConfig, train_batches, eval_bat
   rm = RewardModel(model_config, num_members=int(config.ensemble.members), kind=config.ensemble.kind)
   loss_fn = make_loss(config.loss)
   optimizer = optim.make_optimizer(config.optim, int(config.train.steps))
+  if config.ensemble.get('head_bias', 'learned') == 'zero':
+    optimizer = zero_head_bias(optimizer)
   if rm.kind == 'full':
     optimizer = per_member(optimizer)
 

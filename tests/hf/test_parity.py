@@ -194,27 +194,46 @@ def test_sequence_classification_import(name, tmp_path):
 
 
 def test_reward_ensemble_export(family, tmp_path):
-  """A K=2 ensemble from the pretrained backbone: one folder per member, raw scores and stats kept."""
+  """A K=2 ensemble from the pretrained backbone: one folder per member, raw scores and stats kept.
+
+  With a zero head bias transformers' raw score is rmjax's; a non-zero bias is refused unless
+  kept as rmjax_score_bias, which transformers' score then lacks.
+  """
   name, _, _, params, config = family
   rm, rm_params = hf.reward_model_from_backbone(jax.random.key(3), params, config, num_members=2)
-  rm_params['reward_head']['bias'] = np.array([[0.0], [0.5]], np.float32)
   stats = {'mean': [0.25, -1.0], 'std': [2.0, 0.5]}
-  folders = hf.save(rm_params, rm, tmp_path, pad_token_id=0, normalization=stats)
-  assert [f.name for f in folders] == ['member_0', 'member_1']
   tokens, mask = _right_padded_batch()
+  hf_scores = lambda folder: _hf_scores(transformers.AutoModelForSequenceClassification.from_pretrained(folder),
+                                        tokens, mask)
+  folders = hf.save(rm_params, rm, tmp_path / 'zero', pad_token_id=0, normalization=stats)
+  assert [f.name for f in folders] == ['member_0', 'member_1']
   ours = np.asarray(jax.jit(rm.apply)(rm_params, jnp.asarray(tokens), jnp.asarray(mask)))
   for k, folder in enumerate(folders):
     cfg = json.loads((folder / 'config.json').read_text())
     assert cfg['rmjax_normalization'] == {'mean': [stats['mean'][k]], 'std': [stats['std'][k]]}
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(folder).eval()
-    with torch.no_grad():
-      theirs = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(np.int64))).logits
-    # transformers' head has no bias: its raw score is rmjax's minus rmjax_score_bias.
-    np.testing.assert_allclose(theirs.numpy()[:, 0] + cfg['rmjax_score_bias'][0], ours[k], atol=TOL, rtol=0)
-  loaded = hf.load_reward_model(tmp_path)
+    assert 'rmjax_score_bias' not in cfg
+    np.testing.assert_allclose(hf_scores(folder), ours[k], atol=TOL, rtol=0)
+
+  rm_params['reward_head']['bias'] = np.array([[0.0], [0.5]], np.float32)
+  with pytest.raises(ValueError, match='head_bias="zero".*keep_score_bias=True'):
+    hf.save(rm_params, rm, tmp_path / 'biased', pad_token_id=0)
+  folders = hf.save(rm_params, rm, tmp_path / 'biased', pad_token_id=0, normalization=stats, keep_score_bias=True)
+  ours = np.asarray(jax.jit(rm.apply)(rm_params, jnp.asarray(tokens), jnp.asarray(mask)))
+  for k, folder in enumerate(folders):
+    bias = json.loads((folder / 'config.json').read_text())['rmjax_score_bias']
+    assert bias == [[0.0], [0.5]][k]
+    np.testing.assert_allclose(hf_scores(folder) + bias[0], ours[k], atol=TOL, rtol=0)
+  loaded = hf.load_reward_model(tmp_path / 'biased')
   assert loaded.model == rm
   a, b = _flat(rm_params), _flat(loaded.params)
   for key in a:
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
   np.testing.assert_array_equal(loaded.normalization[0], np.float32(stats['mean']))
   np.testing.assert_array_equal(loaded.normalization[1], np.float32(stats['std']))
+
+
+def _hf_scores(model, tokens, mask):
+  """transformers' raw scores `[B]` of a one-label sequence-classification model."""
+  with torch.no_grad():
+    out = model.eval()(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(np.int64))).logits
+  return out.numpy()[:, 0]
