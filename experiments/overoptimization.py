@@ -8,13 +8,16 @@ Eisenstein et al. 2023 (finetune-seed ensembles on a shared pretrained backbone)
 Stages (`experiments.pipeline`; each cached under `WORKDIR/<stage>/<key>/`):
 
   policy   the base policy pretrained on the synthetic language (`experiments/rm_world.py`)
-  gold     the gold reward model (larger, random weights from the seed, normalized on base samples)
+  gold     the gold reward: a larger network with random weights from the seed plus fluency
+           under the grammar, standardized on base-policy samples (`rm_world.Gold`)
   pairs    preference pairs from the base policy, labeled by the gold ordering, a share flipped
   proxies  a K-member finetune-seed ensemble initialised from the policy's backbone, heads from
            K seeds; member 0 is the single proxy (the optimizer runs per member, so it is trained
            exactly as it would be alone); each member normalized on base-policy samples
   bon      N samples per held-out prompt drawn once from the base policy and scored by every
            member and the gold; best-of-n curves for every objective by the unbiased estimator
+  warm, bon_warm  WARM (Ramé et al. 2024): the members' weights averaged into one reward model,
+           and its scores of the best-of-n samples (run when `warm` is among the objectives)
   rl_<objective>  RLOO against the objective, `rl.seeds` seeds × `rl.kl_coefs` KL-penalty
            coefficients as one vmapped population; curves over its saved steps
            (`experiments/study_rl.py`)
@@ -42,12 +45,13 @@ from rmjax.data.synthetic_language import Grammar
 from rmjax.eval import fits
 from rmjax.models.reward_model import RewardModel
 from rmjax.rl import best_of_n as bon_lib
+from rmjax.train import loop, rm_trainer
 
 from experiments import rm_world, study_report, study_rl
 from experiments.pipeline import Pipeline
 
-STAGES = ('policy', 'gold', 'pairs', 'proxies', 'bon', 'curves', 'report')
-SINGLE = study_rl.SINGLE
+STAGES = ('policy', 'gold', 'pairs', 'proxies', 'bon', 'warm', 'bon_warm', 'curves', 'report')
+SINGLE, WARM = study_rl.SINGLE, study_rl.WARM
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -60,7 +64,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                         'unbiased best-of-n estimator needs n <= N samples per prompt.')
   study_rl.validate(config)
   for name in (*config.objectives, *config.rl.objectives):
-    if name != SINGLE:
+    if name not in (SINGLE, WARM):
       aggregation(config, name)
 
 
@@ -118,28 +122,73 @@ def run(config: ml_collections.ConfigDict, workdir: str, redo: tuple[str, ...] =
                                                           init_backbone=policy_params['backbone']),
       reads={'seed': config.seed, 'proxy': config.proxy}, after=[pairs_stage],
       summary=lambda out: out[1]['eval'])
+  models = {'members': (RewardModel.from_dict(proxy_meta['model']), proxy_params, _stats(proxy_meta))}
+  reward_stages = {'members': proxies_stage}
   bon_stage, samples = pipe.build(
-      'bon', lambda d: bon_samples(config, d, policy_params, policy_cfg, gold, proxy_params, proxy_meta, tok),
+      'bon', lambda d: bon_samples(config, d, policy_params, policy_cfg, gold, models['members'], tok),
       reads={'seed': config.seed, 'bon': config.bon, 'sampling': _sampling_fields(config.data)},
       after=[proxies_stage])
+  scored = [bon_stage]
+  if WARM in (*config.objectives, *config.rl.objectives):
+    reward_stages[WARM], (warm_params, warm_meta) = pipe.build(
+        'warm', lambda d: warm_proxy(rmc, d, data, tok, proxy_params, proxy_meta, mesh),
+        reads={}, after=[proxies_stage], summary=lambda out: out[1]['eval'])
+    models[WARM] = (RewardModel.from_dict(warm_meta['model']), warm_params, _stats(warm_meta))
+    bon_warm_stage, samples[WARM] = pipe.build(
+        'bon_warm', lambda d: score_samples(config, d, samples, models[WARM], tok), reads={},
+        after=[bon_stage, reward_stages[WARM]])
+    scored.append(bon_warm_stage)
   curves_stage, curves = pipe.build(
-      'curves', lambda d: bon_curves(config, samples, _stats(proxy_meta)),
+      'curves', lambda d: bon_curves(config, samples, models),
       reads={'seed': config.seed, 'objectives': config.objectives,
              **{name: config[name] for name in config.objectives if name in config}},
-      after=[bon_stage], summary=lambda out: out)
+      after=scored, summary=lambda out: out)
   rl_reads = {'seed': config.seed, 'rl': {k: v for k, v in config.rl.items() if k != 'objectives'},
               'sampling': _sampling_fields(config.data), 'num_eval': config.bon.num_prompts}
-  dirs = {'policy': policy_stage.dir, 'gold': gold_stage.dir, 'proxies': proxies_stage.dir}
-  reward_fn = lambda name, members: objective_reward(config, name, members, _stats(proxy_meta))
-  rl_stages = [pipe.build(f'rl_{name}', lambda d, name=name: study_rl.run(config, d, name, dirs, reward_fn, gold),
-                          reads={**rl_reads, 'objective': name, 'options': config[name] if name in config else None},
-                          after=[policy_stage, gold_stage, proxies_stage], summary=lambda out: out)[0]
-               for name in config.rl.objectives]
+  reward_fn = lambda name, scores: objective_reward(config, name, scores, models[_source(name)][2])
+  rl_stages = []
+  for name in config.rl.objectives:
+    reward_stage = reward_stages[_source(name)]
+    dirs = {'policy': policy_stage.dir, 'gold': gold_stage.dir, 'reward': reward_stage.dir}
+    rl_stages.append(pipe.build(
+        f'rl_{name}', lambda d, name=name, dirs=dirs: study_rl.run(config, d, name, dirs, reward_fn, gold),
+        reads={**rl_reads, 'objective': name, 'options': config[name] if name in config else None},
+        after=[policy_stage, gold_stage, reward_stage], summary=lambda out: out)[0])
   report_stage, _ = pipe.build(
       'report', lambda d: study_report.write(config, workdir, pipe.stages),
       reads={'seed': config.seed}, after=[curves_stage, *rl_stages], summary=lambda out: out)
   print(f'report: {report_stage.result["report"]}')
   return report_stage.result
+
+
+def _source(name: str) -> str:
+  """Which model's scores objective `name` reads: WARM's, or the ensemble members'."""
+  return WARM if name == WARM else 'members'
+
+
+def warm_proxy(rmc, folder: pathlib.Path, data, tok, proxy_params, proxy_meta, mesh) -> tuple[dict, dict]:
+  """Stage `warm`: WARM (Ramé et al. 2024, "WARM: On the Benefits of Weight Averaged Reward Models").
+
+  θ_WARM = (1/K) Σ_k θ_k, the uniform average of the finetune-seed members' weights (they start
+  from one pretrained backbone, the setting in which weight averaging works), as one reward
+  model; normalized on the same base-policy responses as the members and evaluated on the same
+  held-out pairs. Saved as a reward-model checkpoint in `folder/checkpoints` (what RL reads).
+  Returns (params, metadata).
+  """
+  model = RewardModel(RewardModel.from_dict(proxy_meta['model']).config, num_members=1, kind='full')
+
+  def build():
+    params = jax.tree.map(lambda x: np.asarray(x).mean(axis=0, keepdims=True), proxy_params)
+    scores = rm_trainer.collect_scores(rm_trainer.make_score_fn(model), params, rm_world.eval_pairs(rmc, data, tok),
+                                       mesh)
+    stats = rm_trainer.normalization_stats(np.concatenate([scores['r_chosen'], scores['r_rejected']], axis=1))
+    metrics = rm_trainer.pair_metrics(scores, rm_trainer.make_loss(rmc.loss), stats=stats)
+    return {'params': params}, loop.describe(
+        rmc, kind='reward_model', model=model.to_dict(), tokenizer=tok.to_dict(), role='warm',
+        normalization={'mean': stats.mean.tolist(), 'std': stats.std.tolist()}, eval=metrics)
+
+  state, meta = rm_world.saved_once(folder / 'checkpoints', build)
+  return jax.tree.map(jax.numpy.asarray, state['params']), meta
 
 
 def _stats(meta) -> objectives.RewardStats:
@@ -148,13 +197,18 @@ def _stats(meta) -> objectives.RewardStats:
                                 std=np.asarray(meta['normalization']['std']))
 
 
-def bon_samples(config, folder: pathlib.Path, policy_params, policy_cfg, gold, proxy_params, proxy_meta,
-                tok) -> dict:
+def _sample_config(config) -> ml_collections.ConfigDict:
+  """The sampling and scoring settings of best-of-n (`rm_world.sample_responses`, `score_texts`)."""
+  return ml_collections.ConfigDict(dict(seed=config.seed, data=dict(config.data.to_dict(),
+                                                                    sample_batch=config.bon.batch)))
+
+
+def bon_samples(config, folder: pathlib.Path, policy_params, policy_cfg, gold, members: tuple, tok) -> dict:
   """Stage `bon`: draw N samples per held-out prompt once and score them by every member and the gold.
 
-  Saves (and, when present, loads) `samples.npz` — gold `[P, N]` (normalized), members `[K, P, N]`
-  (raw), lengths `[P, N]`, grammatical share of the sentences `[P, N]` — and `samples.json`
-  (prompts and response texts).
+  members: (RewardModel, params, stats) of the ensemble. Saves (and, when present, loads)
+  `samples.npz` — gold `[P, N]` (normalized), members `[K, P, N]` (raw), lengths `[P, N]`,
+  grammatical share of the sentences `[P, N]` — and `samples.json` (prompts and response texts).
   """
   b = config.bon
   samples_file = folder / 'samples.npz'
@@ -162,15 +216,14 @@ def bon_samples(config, folder: pathlib.Path, policy_params, policy_cfg, gold, p
     prompts = held_out_prompts(config)
     n_prompts, n_samples = len(prompts), int(b.samples)
     flat_prompts = [p for p in prompts for _ in range(n_samples)]
-    sample_config = ml_collections.ConfigDict(dict(seed=config.seed,
-                                                   data=dict(config.data.to_dict(), sample_batch=b.batch)))
+    sample_config = _sample_config(config)
     responses = rm_world.sample_responses(sample_config, policy_params, policy_cfg, flat_prompts, tok,
                                           split_seed=7, desc='best-of-n samples')
     pairs = list(zip(flat_prompts, responses))
-    members = rm_world.score_texts(sample_config, RewardModel.from_dict(proxy_meta['model']), proxy_params, tok,
-                                   pairs, desc='proxy scores')
-    arrays = {'gold': gold.score(sample_config, tok, pairs).reshape(n_prompts, n_samples),
-              'members': members.reshape(-1, n_prompts, n_samples),
+    model, params, _ = members
+    arrays = {'members': rm_world.score_texts(sample_config, model, params, tok, pairs, desc='proxy scores'
+                                              ).reshape(-1, n_prompts, n_samples),
+              'gold': gold.score(sample_config, tok, pairs).reshape(n_prompts, n_samples),
               'lengths': np.array([len(tok.encode(t)) for t in responses]).reshape(n_prompts, n_samples),
               'grammatical': np.array([gold.grammar.grammatical_share(t) for t in responses]).reshape(n_prompts,
                                                                                                       n_samples)}
@@ -180,7 +233,21 @@ def bon_samples(config, folder: pathlib.Path, policy_params, policy_cfg, gold, p
   return {**dict(np.load(samples_file)), **json.loads((folder / 'samples.json').read_text())}
 
 
-def bon_curves(config, samples: dict, stats: objectives.RewardStats) -> dict:
+def score_samples(config, folder: pathlib.Path, samples: dict, model: tuple, tok) -> np.ndarray:
+  """Stage `bon_warm`: raw scores `[1, P, N]` of the best-of-n samples by another reward model
+  (model, params, stats), saved as (and, when present, loaded from) `scores.npy`."""
+  path = folder / 'scores.npy'
+  if not path.exists():
+    n_prompts, n_samples = samples['gold'].shape
+    pairs = [(p, r) for p, r in zip((p for p in samples['prompts'] for _ in range(n_samples)), samples['texts'])]
+    rm, params, _ = model
+    scores = rm_world.score_texts(_sample_config(config), rm, params, tok, pairs, desc='warm scores')
+    np.save(folder / 'scores.tmp.npy', scores.reshape(-1, n_prompts, n_samples))
+    (folder / 'scores.tmp.npy').replace(path)
+  return np.load(path)
+
+
+def bon_curves(config, samples: dict, models: dict) -> dict:
   """Stage `curves`: one best-of-n curve per objective of `config.objectives` (cheap: no sampling)."""
   n_prompts, n_samples = samples['gold'].shape
   ns = [1 << i for i in range(int(np.log2(int(config.bon.n_max))) + 1)]
@@ -188,7 +255,7 @@ def bon_curves(config, samples: dict, stats: objectives.RewardStats) -> dict:
   ids = np.unique(np.asarray(samples['texts'], dtype=str), return_inverse=True)[1].reshape(n_prompts, n_samples)
   curves = []
   for name in config.objectives:
-    proxy = objective_reward(config, name, samples['members'], stats)  # [P, N]
+    proxy = objective_reward(config, name, samples[_source(name)], models[_source(name)][2])  # [P, N]
     curve = bon_curve(name, proxy, samples['gold'], {'length': samples['lengths'],
                                                      'grammatical': samples['grammatical']},
                       ids, ns, int(config.seed), ensemble=None if name == SINGLE else 'finetune')
@@ -210,10 +277,11 @@ def _examples(texts, proxy: np.ndarray, gold: np.ndarray, n_max: int, num_prompt
 
 
 def objective_reward(config, name: str, members: np.ndarray, stats: objectives.RewardStats) -> np.ndarray:
-  """The optimized reward `[P, N]` of objective `name` from raw member scores `[K, P, N]`."""
+  """The optimized reward `[P, N]` of objective `name` from raw scores `[K, P, N]` of its model
+  (`_source`), normalized by that model's `stats`."""
   k, p, n = members.shape
   flat = members.reshape(k, p * n)
-  if name == SINGLE:
+  if name in (SINGLE, WARM):
     out = (flat[0] - stats.mean[0]) / stats.std[0]
   else:
     out = np.asarray(aggregation(config, name)(jax.numpy.asarray(flat), stats=stats))

@@ -242,29 +242,39 @@ def make_gold(config, workdir: pathlib.Path, policy_params, policy_cfg, prompts,
   gold_cfg = config_lib.model_config(config.world.gold, vocab_size=tok.vocab_size)
   model = RewardModel(gold_cfg, num_members=1, kind='full')
   grammar, weight = Grammar.random(config.seed), float(config.world.gold_fluency)
-  ckpt = checkpoint.Checkpointer(workdir, max_to_keep=1, async_save=False)
-  try:
-    if ckpt.latest_step() is None:
-      params = model.init(jax.random.fold_in(jax.random.key(int(config.seed)), 0x601D))
-      ref = sample_candidates(config, policy_params, policy_cfg, prompts, tok, 128, split_seed=3)
-      texts = [(p, r) for _, p, a, b in ref for r in (a, b)]
-      raw = score_texts(config, model, params, tok, texts)[0]
-      net_norm = objectives.RewardStats(mean=np.array([raw.mean()]), std=np.array([max(raw.std(), 1e-6)]))
-      unit = Gold(model, params, net_norm, grammar, weight, mean=0.0, std=1.0)
-      total = unit.from_net((raw - net_norm.mean[0]) / net_norm.std[0], [r for _, r in texts])
-      meta = loop.describe(config, kind='reward_model', model=model.to_dict(), tokenizer=tok.to_dict(),
-                           role='gold', normalization={'mean': net_norm.mean.tolist(), 'std': net_norm.std.tolist()},
-                           fluency={'weight': weight, 'mean': float(total.mean()), 'std': float(max(total.std(), 1e-6))})
-      ckpt.save(0, {'params': params}, meta, force=True)
-      ckpt.wait()
-    state, meta = checkpoint.load(workdir)
-  finally:
-    ckpt.close()
+
+  def build():
+    params = model.init(jax.random.fold_in(jax.random.key(int(config.seed)), 0x601D))
+    ref = sample_candidates(config, policy_params, policy_cfg, prompts, tok, 128, split_seed=3)
+    texts = [(p, r) for _, p, a, b in ref for r in (a, b)]
+    raw = score_texts(config, model, params, tok, texts)[0]
+    net_norm = objectives.RewardStats(mean=np.array([raw.mean()]), std=np.array([max(raw.std(), 1e-6)]))
+    unit = Gold(model, params, net_norm, grammar, weight, mean=0.0, std=1.0)
+    total = unit.from_net((raw - net_norm.mean[0]) / net_norm.std[0], [r for _, r in texts])
+    return {'params': params}, loop.describe(
+        config, kind='reward_model', model=model.to_dict(), tokenizer=tok.to_dict(), role='gold',
+        normalization={'mean': net_norm.mean.tolist(), 'std': net_norm.std.tolist()},
+        fluency={'weight': weight, 'mean': float(total.mean()), 'std': float(max(total.std(), 1e-6))})
+
+  state, meta = saved_once(workdir, build)
   net_norm = objectives.RewardStats(mean=np.asarray(meta['normalization']['mean']),
                                     std=np.asarray(meta['normalization']['std']))
   f = meta['fluency']
   return Gold(model, jax.tree.map(jnp.asarray, state['params']), net_norm, grammar, weight=f['weight'],
               mean=f['mean'], std=f['std'])
+
+
+def saved_once(folder: pathlib.Path, build) -> tuple[dict, dict]:
+  """`(state, metadata)` of the one-step checkpoint in `folder`, made by `build() -> (state, metadata)`
+  and saved first when `folder` holds none."""
+  ckpt = checkpoint.Checkpointer(folder, max_to_keep=1, async_save=False)
+  try:
+    if ckpt.latest_step() is None:
+      ckpt.save(0, *build(), force=True)
+      ckpt.wait()
+  finally:
+    ckpt.close()
+  return checkpoint.load(folder)
 
 
 def make_pairs(config, workdir: pathlib.Path, policy_params, policy_cfg, gold, prompts, tok):
@@ -297,13 +307,18 @@ def train_reward_models(config, workdir: pathlib.Path, data, tok: Tokenizer, mes
   The final metadata holds each member's normalization and the held-out eval metrics.
   """
   model_cfg = config_lib.model_config(config.model, vocab_size=tok.vocab_size)
-  seq_len, seed = int(config.data.seq_len), int(config.seed)
-  train_batches = pipeline.PairBatches(data.as_data_source('train'), tok, seq_len=seq_len,
-                                       global_batch_size=int(config.train.batch_size), seed=seed,
+  train_batches = pipeline.PairBatches(data.as_data_source('train'), tok, seq_len=int(config.data.seq_len),
+                                       global_batch_size=int(config.train.batch_size), seed=int(config.seed),
                                        **_process_share())
-  eval_batches = pipeline.PairBatches(data.as_data_source('eval'), tok, seq_len=seq_len,
-                                      global_batch_size=int(config.eval.batch_size), seed=seed, shuffle=False,
-                                      drop_remainder=False, **_process_share())  # iterates one epoch
+  eval_batches = eval_pairs(config, data, tok)
   return rm_trainer.train(config, workdir, model_config=model_cfg, train_batches=train_batches,
                           eval_batches=eval_batches, reference_batches=eval_batches, mesh=mesh, tokenizer=tok,
                           init_backbone=init_backbone)
+
+
+def eval_pairs(config, data, tok: Tokenizer) -> pipeline.PairBatches:
+  """The held-out pairs in batches of `eval.batch_size`, one pass in order: they evaluate the reward
+  models, and their responses (base-policy samples) give each model's normalization."""
+  return pipeline.PairBatches(data.as_data_source('eval'), tok, seq_len=int(config.data.seq_len),
+                              global_batch_size=int(config.eval.batch_size), seed=int(config.seed), shuffle=False,
+                              drop_remainder=False, **_process_share())

@@ -151,8 +151,9 @@ def write(config, workdir: pathlib.Path, stages: dict) -> dict:
       '## Proxies', '',
       f'Held-out agreement with the gold\'s noiseless ordering: ensemble mean {ev.get("eval/gold_accuracy", float("nan")):.3f}; '
       + ', '.join(f'member {k.rsplit("_", 1)[1]} {v:.3f}' for k, v in sorted(ev.items())
-                  if k.startswith('eval/gold_accuracy_')) + ' (labels in training had '
-      f'{config.data.flip_prob:.0%} flipped).', '',
+                  if k.startswith('eval/gold_accuracy_'))
+      + (f'; WARM {stages["warm"].result["eval/gold_accuracy"]:.3f}' if 'warm' in stages else '')
+      + f' (labels in training had {config.data.flip_prob:.0%} flipped).', '',
       '## Best-of-n', '', f'![best-of-n]({plot.name})', '', *_table(curves), '',
       '### Gold reward at common KL values', '', *_common_kl(curves), '',
       '### Samples at low and high KL', '']

@@ -3,9 +3,9 @@
 For objective `name` (`experiments/overoptimization.py`), `rl_config` makes the config of the
 RL trainer (`rmjax.rl.trainer`, run as a vmapped population by `rmjax.rl.population`): the base
 policy as the initial policy and frozen reference, the proxies' checkpoint as the reward (member
-0 alone for `single`; the objective's aggregation of every normalized member otherwise) with a
-per-token KL penalty β·(log π − log π_ref) in the reward, the gold as the gold scorer, and
-population members `rl.seeds` seeds × `rl.kl_coefs` values of β. Training prompts are the
+0 alone for `single`, the weight-averaged model for `warm`, the objective's aggregation of every
+normalized member otherwise) with a per-token KL penalty β·(log π − log π_ref) in the reward,
+the gold's network as the gold scorer (the curves add its fluency part), and population members `rl.seeds` seeds × `rl.kl_coefs` values of β. Training prompts are the
 world's prompts; the held-out prompts are those of best-of-n (the next `bon.num_prompts` of the
 grammar). Every `rl.eval_every` iterations, starting at iteration 0 (the base policy), each
 member checkpoints, evaluates on the held-out prompts and writes its rollouts.
@@ -28,7 +28,7 @@ from rmjax.eval import fits
 from rmjax.rl import population, trainer
 from rmjax.train.metrics import read_metrics
 
-SINGLE = 'single'
+SINGLE, WARM = 'single', 'warm'  # the one-model objectives: member 0 of the ensemble; its weight average
 
 
 def member_seeds(config) -> list[int]:
@@ -37,13 +37,14 @@ def member_seeds(config) -> list[int]:
 
 
 def rl_config(config, name: str, policy_dir: pathlib.Path, gold_dir: pathlib.Path,
-              proxies_dir: pathlib.Path) -> ml_collections.ConfigDict:
-  """The RL trainer's config for objective `name` (see the module docstring)."""
+              reward_dir: pathlib.Path) -> ml_collections.ConfigDict:
+  """The RL trainer's config for objective `name` (see the module docstring); `reward_dir`: the
+  `proxies` stage's folder, or the `warm` stage's for `warm`."""
   r = config.rl
   c = trainer.base_config('rloo', 'tiny')
   c.seed = int(config.seed)
   c.policy.path = str(policy_dir / 'checkpoints')
-  c.reward.path = str(proxies_dir / 'checkpoints')
+  c.reward.path = str(reward_dir / 'checkpoints')
   c.reward.members = '0' if name == SINGLE else ''
   c.gold.path = str(gold_dir)
   c.data.update(dict(seed=int(config.seed), num_prompts=int(config.world.num_prompts),
@@ -52,9 +53,9 @@ def rl_config(config, name: str, policy_dir: pathlib.Path, gold_dir: pathlib.Pat
   c.rl.update(dict(group_size=int(r.group_size), max_new_tokens=int(config.data.max_new_tokens),
                    temperature=float(config.data.temperature), epochs=int(r.epochs), minibatches=int(r.minibatches)))
   c.objective = ml_collections.ConfigDict({
-      'reward': f'{"mean" if name == SINGLE else name},kl_penalty', 'kl_penalty': {'beta': 0.0},
+      'reward': f'{"mean" if name in (SINGLE, WARM) else name},kl_penalty', 'kl_penalty': {'beta': 0.0},
       'advantage': 'rloo', 'rloo': {'group_size': int(r.group_size)}, 'loss': 'ppo_clip'})
-  if name != SINGLE and name in config:
+  if name not in (SINGLE, WARM) and name in config:
     c.objective[name] = config[name].to_dict()
   c.optim = config_lib.optim(lr=float(r.lr), warmup_steps=0, schedule='constant', weight_decay=0.0)
   c.train = config_lib.train(int(r.iterations), log_every=int(r.eval_every), eval_every=int(r.eval_every),
@@ -87,11 +88,11 @@ def validate(config) -> None:
 def run(config, folder: pathlib.Path, name: str, dirs: dict, reward_fn, gold) -> list[dict]:
   """Stage `rl_<name>`: trains (or resumes) the population in `folder`; returns its curves.
 
-  dirs: the `policy`, `gold` and `proxies` stage folders. reward_fn(name, members [K, P, N]) ->
+  dirs: the `policy`, `gold` and `reward` (`rl_config`) stage folders. reward_fn(name, members [K, P, N]) ->
   the objective's reward `[P, N]` (as for best-of-n). gold: the `rm_world.Gold` (the trainer
   scores rollouts with its network part z; the curves add the fluency part).
   """
-  c = rl_config(config, name, dirs['policy'], dirs['gold'], dirs['proxies'])
+  c = rl_config(config, name, dirs['policy'], dirs['gold'], dirs['reward'])
   population.run(c, str(folder))
   members = population.parse_members(c)
   group = int(config.rl.group_size)

@@ -1,6 +1,5 @@
 """The overoptimization study: stage caching and invalidation, and the :smoke run's outputs."""
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -12,8 +11,6 @@ from experiments.pipeline import Pipeline
 from rmjax import config as config_lib
 
 ROOT = pathlib.Path(__file__).parent.parent
-ENV = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(ROOT / '.jax_cache'),
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.2', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
 CMD = [sys.executable, '-m', 'rmjax.main', '--config=configs/study/overoptimization.py:smoke',
        '--config.world.policy.train.progress=False', '--config.proxy.train.progress=False']
 
@@ -77,7 +74,7 @@ def test_gold_adds_weighted_fluency_then_standardizes():
 @pytest.fixture(scope='module')
 def smoke(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('study')
-  out = subprocess.run(CMD + [f'--workdir={workdir}'], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+  out = subprocess.run(CMD + [f'--workdir={workdir}'], cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-4000:]
   return workdir, out.stdout
 
@@ -89,7 +86,7 @@ def test_smoke_study_writes_results_plot_and_report(smoke):
   results = json.loads((workdir / 'results.json').read_text())
   bon = [c for c in results['curves'] if c['optimizer'] == 'bon']
   rl = [c for c in results['curves'] if c['optimizer'] == 'rl']
-  assert {c['method'] for c in bon} == {'single', 'mean', 'wco', 'uwo'}
+  assert {c['method'] for c in bon} == {'single', 'mean', 'wco', 'uwo', 'warm'}
   for c in bon:
     n = len(c['n'])
     assert c['optimizer'] == 'bon' and c['n'] == sorted(c['n'])
@@ -101,8 +98,8 @@ def test_smoke_study_writes_results_plot_and_report(smoke):
     assert np.all(np.diff(c['proxy_reward']) >= -1e-9)  # the optimized reward rises with n
     assert np.all(np.asarray(c['kl_plugin']) <= np.asarray(c['kl']) + 1e-9)  # the bound bounds it
   # RL: one curve per (objective, seed, KL coefficient), read at iterations 0, 2, 4.
-  assert sorted((c['method'], c['kl_coef']) for c in rl) == [('single', 0.0), ('single', 0.05), ('uwo', 0.0),
-                                                              ('uwo', 0.05)]
+  assert sorted((c['method'], c['kl_coef']) for c in rl) == [('uwo', 0.0), ('uwo', 0.05), ('warm', 0.0),
+                                                              ('warm', 0.05)]
   for c in rl:
     assert c['step'] == [0, 2, 4] and c['seed'] == 0
     assert len(c['kl']) == len(c['proxy_reward']) == len(c['gold_reward']) == len(c['length']) == 3
@@ -120,9 +117,33 @@ def test_smoke_study_writes_results_plot_and_report(smoke):
 @pytest.mark.slow
 def test_smoke_study_rerun_with_redo_skips_upstream_and_reruns_downstream(smoke):
   workdir, _ = smoke
-  out = subprocess.run(CMD + [f'--workdir={workdir}', '--redo=bon'], cwd=ROOT, env=ENV, capture_output=True,
+  out = subprocess.run(CMD + [f'--workdir={workdir}', '--redo=bon'], cwd=ROOT, capture_output=True,
                        text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   # policy, gold, pairs, proxies and the RL stages (which do not read best-of-n) are reused
-  assert out.stdout.count('skipped') == 6 and '[bon] running' in out.stdout and '[report] running' in out.stdout
-  assert '[rl_uwo] done before' in out.stdout
+  assert out.stdout.count('skipped') == 7 and '[bon] running' in out.stdout and '[report] running' in out.stdout
+  assert '[rl_uwo] done before' in out.stdout and '[bon_warm] running' in out.stdout
+
+
+@pytest.mark.slow
+def test_smoke_study_warm_is_the_members_weight_average(smoke):
+  from rmjax.train import checkpoint
+  workdir, _ = smoke
+  (proxies,), (warm,) = (list((workdir / name).iterdir()) for name in ('proxies', 'warm'))
+  members, _ = checkpoint.load(proxies / 'checkpoints')
+  averaged, meta = checkpoint.load(warm / 'checkpoints')
+  assert meta['model']['num_members'] == 1 and meta['role'] == 'warm'
+  flat_members = dict(_leaves(members['params']))
+  for path, leaf in _leaves(averaged['params']):
+    member_leaves = flat_members[path]
+    assert leaf.shape == (1, *member_leaves.shape[1:])
+    np.testing.assert_allclose(leaf[0], member_leaves.mean(axis=0), rtol=1e-6, atol=1e-7)  # float32 means
+  assert meta['normalization']['std'][0] > 0 and 0.0 <= meta['eval']['eval/gold_accuracy'] <= 1.0
+
+
+def _leaves(tree, prefix=''):
+  if isinstance(tree, dict):
+    for k, v in tree.items():
+      yield from _leaves(v, f'{prefix}/{k}')
+  else:
+    yield prefix, np.asarray(tree)

@@ -38,7 +38,8 @@ def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
   c.proxy.train = C.train(300, batch_size=32, log_every=25, eval_every=100, checkpoint_every=100)
   c.proxy.eval_batch_size = 128
 
-  # 4. Objectives optimized against, by name (the registry's aggregations; 'single' = member 0).
+  # 4. Objectives optimized against, by name: the registry's aggregations of the members, 'single'
+  # (member 0 alone) and 'warm' (the members' weight average, Ramé et al.).
   c.objectives = ('single', 'mean', 'wco', 'uwo')
   c.uwo = ml_collections.ConfigDict(dict(lam=0.5))
   c.mean_minus_std = ml_collections.ConfigDict(dict(k=1.0))
@@ -64,10 +65,12 @@ def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
     c.proxy.train = C.train(20, batch_size=16, log_every=10, eval_every=10, checkpoint_every=10)
     c.proxy.eval_batch_size = 32
     c.bon = ml_collections.ConfigDict(dict(num_prompts=8, samples=32, n_max=16, batch=128))
-    c.rl.update(dict(objectives=('single', 'uwo'), seeds=1, iterations=4, eval_every=2, prompts_per_iteration=4,
+    c.objectives = ('single', 'mean', 'wco', 'uwo', 'warm')
+    c.rl.update(dict(objectives=('warm', 'uwo'), seeds=1, iterations=4, eval_every=2, prompts_per_iteration=4,
                      group_size=2, prompt_len=32, progress=False))
   elif arg == 'medium':
-    c.objectives = ('single', 'mean', 'wco', 'uwo', 'mean_minus_std', 'median')
+    c.objectives = ('single', 'mean', 'wco', 'uwo', 'mean_minus_std', 'median', 'warm')
+    c.rl.objectives = ('single', 'mean', 'wco', 'uwo', 'mean_minus_std', 'warm')
     c.bon.num_prompts = 128
     c.bon.samples = 1024
     c.bon.n_max = 512
