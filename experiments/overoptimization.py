@@ -21,6 +21,8 @@ Stages (`experiments.pipeline`; each cached under `WORKDIR/<stage>/<key>/`):
   rl_<objective>  RLOO against the objective, `rl.seeds` seeds × `rl.kl_coefs` KL-penalty
            coefficients as one vmapped population; curves over its saved steps
            (`experiments/study_rl.py`)
+  dpo      DPO on the training pairs at each β of `dpo.betas`, `dpo.seeds` seeds each, scored at
+           its checkpoints like RL (`experiments/study_dpo.py`; none when `dpo.betas` is empty)
   report   `results.json`, PNG plots and `report.md`
 
 Rewards are reported relative to the base policy (R(0) = 0, `../shared/PITFALLS.md` #11), in
@@ -47,7 +49,7 @@ from rmjax.models.reward_model import RewardModel
 from rmjax.rl import best_of_n as bon_lib
 from rmjax.train import loop, rm_trainer
 
-from experiments import rm_world, study_report, study_rl
+from experiments import rm_world, study_dpo, study_report, study_rl
 from experiments.pipeline import Pipeline
 
 STAGES = ('policy', 'gold', 'pairs', 'proxies', 'bon', 'warm', 'bon_warm', 'curves', 'report')
@@ -63,6 +65,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise C.ConfigError(f'config.bon.n_max={config.bon.n_max} exceeds bon.samples={config.bon.samples}: the '
                         'unbiased best-of-n estimator needs n <= N samples per prompt.')
   study_rl.validate(config)
+  study_dpo.validate(config)
   for name in (*config.objectives, *config.rl.objectives):
     if name not in (SINGLE, WARM):
       aggregation(config, name)
@@ -101,7 +104,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, redo: tuple[str, ...] =
   validate(config)
   tfds.disable_progress_bar()
   workdir = pathlib.Path(workdir)
-  pipe = Pipeline(workdir, redo=redo, known=(*STAGES, *(f'rl_{name}' for name in config.rl.objectives)))
+  pipe = Pipeline(workdir, redo=redo, known=(*STAGES, *(f'rl_{name}' for name in config.rl.objectives), 'dpo'))
   mesh = parallel.mesh_from_config(config.mesh)
   prompts, tok = rm_world.world(config)
   rmc = _rm_config(config)
@@ -154,9 +157,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, redo: tuple[str, ...] =
         f'rl_{name}', lambda d, name=name, dirs=dirs: study_rl.run(config, d, name, dirs, reward_fn, gold),
         reads={**rl_reads, 'objective': name, 'options': config[name] if name in config else None},
         after=[policy_stage, gold_stage, reward_stage], summary=lambda out: out)[0])
+  trained = rl_stages
+  if config.dpo.betas:
+    dirs = {'policy': policy_stage.dir, 'gold': gold_stage.dir, 'reward': proxies_stage.dir, 'pairs': pairs_stage.dir}
+    r = config.rl
+    trained = [*rl_stages, pipe.build(
+        'dpo', lambda d: study_dpo.run(config, d, dirs, reward_fn, gold),
+        reads={'seed': config.seed, 'dpo': config.dpo, 'sampling': _sampling_fields(config.data),
+               'eval': {'group_size': r.group_size, 'prompt_len': r.prompt_len, 'num_eval': config.bon.num_prompts}},
+        after=[policy_stage, gold_stage, pairs_stage, proxies_stage], summary=lambda out: out)[0]]
   report_stage, _ = pipe.build(
       'report', lambda d: study_report.write(config, workdir, pipe.stages),
-      reads={'seed': config.seed}, after=[curves_stage, *rl_stages], summary=lambda out: out)
+      reads={'seed': config.seed}, after=[curves_stage, *trained], summary=lambda out: out)
   print(f'report: {report_stage.result["report"]}')
   return report_stage.result
 

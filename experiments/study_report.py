@@ -79,7 +79,8 @@ def seed_groups(curves: list[dict]) -> list[dict]:
       values = np.asarray([c[key][:n] for c in members], np.float64)  # [seeds, steps]
       mean, lo, hi = fits.bootstrap_ci(values, axis=0)
       g[key], g[f'{key}_ci'] = mean.tolist(), [lo.tolist(), hi.tolist()]
-    g['fits'] = {key: fits.fit(g['kl'], g[f'{key}_reward'], 'rl') for key in ('gold', 'proxy')}
+    fit = (lambda kl, r: fits.best(kl, r)) if method == 'dpo' else (lambda kl, r: fits.fit(kl, r, 'rl'))
+    g['fits'] = {key: fit(g['kl'], g[f'{key}_reward']) for key in ('gold', 'proxy')}
     g['final_gold_per_seed'] = [c['gold_reward'][n - 1] for c in members]
     out.append(g)
   return out
@@ -96,7 +97,7 @@ def _rl_table(groups: list[dict]) -> list[str]:
     rows.append(f'| {g["method"]} | {g["kl_coef"]:g} | {len(g["seeds"])} | {gold[i]:+.3f} | {g["kl"][i]:.2f} | '
                 f'{g["kl"][-1]:.2f} | {_fmt_ci(gold[-1], lo, hi)} | {g["proxy_reward"][-1]:+.3f} | '
                 f'{g["length"][-1]:.1f} | {g["grammatical"][0]:.2f} → {g["grammatical"][-1]:.2f} | '
-                f'{f["alpha"]:.3f}, {f["beta"]:.3f} ({f["r2"]:.2f}) |')
+                f'{f["alpha"]:.3f}, {f["beta"]:.3f} ({f["r2"]:.2f}{", " + f["form"] + " form" if "form" in f else ""}) |')
   return rows
 
 
@@ -115,32 +116,45 @@ def _rl_common_kl(curves: list[dict], groups: list[dict], points: int = 5) -> li
   return rows
 
 
+def _trained_section(title: str, name: str, curves: list[dict], workdir: pathlib.Path,
+                     seed: int) -> tuple[list[str], pathlib.Path]:
+  """The report's section for trained policies (RL or DPO curves over saved steps) and its plot."""
+  groups = seed_groups(curves)
+  plot = workdir / f'{name}_gold_proxy.png'
+  _plot(groups, plot, f'{title}, seed {seed}: gold vs proxy reward against √KL (mean over seeds)')
+  lines = [f'## {title}', '',
+           'KL is the held-out mean of Σ_t (log π − log π_ref) on the policy\'s samples at each saved step; '
+           'bands and intervals: bootstrap over seeds.' + (' DPO optimizes no proxy: "proxy" is the single '
+                                                           'proxy\'s reward; "KL coef" is DPO\'s β.'
+                                                           if name == 'dpo' else ''), '',
+           f'![{title}]({plot.name})', '', *_rl_table(groups), '',
+           '### Gold reward at common KL values (interpolated per seed, mean over seeds)', '',
+           *_rl_common_kl(curves, groups), '', '### Samples at the first and last step', '']
+  for g in groups:
+    lines += [f'**{g["label"]}** (seed {g["seeds"][0]})', '']
+    lines += [f'- {e["which"]} — gold {e["gold"]:+.2f}: `{e["prompt"]}` → `{e["response"].strip()}`'
+              for e in g['examples']]
+    lines.append('')
+  return lines, plot
+
+
 def write(config, workdir: pathlib.Path, stages: dict) -> dict:
   """Write the outputs from the finished stages; returns their paths."""
   curves = stages['curves'].result['curves']
   rl_curves = [c for name, st in stages.items() if name.startswith('rl_') for c in st.result]
-  results = {'curves': [{k: v for k, v in c.items() if k != 'examples'} for c in curves + rl_curves],
+  dpo_curves = stages['dpo'].result if 'dpo' in stages else []
+  results = {'curves': [{k: v for k, v in c.items() if k != 'examples'} for c in curves + rl_curves + dpo_curves],
              'proxy_eval': stages['proxies'].result, 'seed': int(config.seed)}
   (workdir / 'results.json').write_text(json.dumps(results, indent=1))
   plot = workdir / 'bon_gold_proxy.png'
   _plot(curves, plot, f'best-of-n, seed {config.seed}: gold vs proxy reward against √KL')
   plots = [plot]
   rl_lines = []
-  if rl_curves:
-    groups = seed_groups(rl_curves)
-    rl_plot = workdir / 'rl_gold_proxy.png'
-    _plot(groups, rl_plot, f'RL (RLOO), seed {config.seed}: gold vs proxy reward against √KL (mean over seeds)')
-    plots.append(rl_plot)
-    rl_lines = ['## RL (RLOO)', '',
-                'KL is the held-out mean of Σ_t (log π − log π_ref) on the policy\'s samples at each saved step; '
-                'bands and intervals: bootstrap over seeds.', '', f'![RL]({rl_plot.name})', '', *_rl_table(groups), '',
-                '### Gold reward at common KL values (interpolated per seed, mean over seeds)', '',
-                *_rl_common_kl(rl_curves, groups), '', '### Samples at the first and last step', '']
-    for g in groups:
-      rl_lines += [f'**{g["label"]}** (seed {g["seeds"][0]})', '']
-      rl_lines += [f'- {e["which"]} — gold {e["gold"]:+.2f}: `{e["prompt"]}` → `{e["response"].strip()}`'
-                   for e in g['examples']]
-      rl_lines.append('')
+  for title, name, chosen in (('RL (RLOO)', 'rl', rl_curves), ('DPO', 'dpo', dpo_curves)):
+    if chosen:
+      lines, path = _trained_section(title, name, chosen, workdir, int(config.seed))
+      rl_lines += lines
+      plots.append(path)
   ev = stages['proxies'].result
   lines = [
       '# Reward-model overoptimization on the synthetic world', '',

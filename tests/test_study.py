@@ -107,7 +107,12 @@ def test_smoke_study_writes_results_plot_and_report(smoke):
     # step 0 is the base policy: the policy equals its reference, so the KL is exactly 0
     assert c['kl'][0] == 0.0 and c['gold_reward'][0] == 0.0 and c['proxy_reward'][0] == 0.0
     assert c['kl'][-1] > 0
-  for png in ('bon_gold_proxy.png', 'rl_gold_proxy.png'):
+  # DPO: one curve per (seed, β), read at its checkpoints 0, 2, 4, as RL is.
+  dpo = [c for c in results['curves'] if c['optimizer'] == 'dpo']
+  assert [(c['method'], c['kl_coef']) for c in dpo] == [('dpo', 0.1)]
+  assert dpo[0]['step'] == [0, 2, 4] and dpo[0]['kl'][0] == 0.0 and dpo[0]['gold_reward'][0] == 0.0
+  assert dpo[0]['fits']['gold']['form'] in ('bon', 'rl')
+  for png in ('bon_gold_proxy.png', 'rl_gold_proxy.png', 'dpo_gold_proxy.png'):
     assert (workdir / png).stat().st_size > 10_000
   report = (workdir / 'report.md').read_text()
   assert '| single |' in report and '## Stages' in report and 'n=16' in report and '## RL (RLOO)' in report
@@ -120,8 +125,8 @@ def test_smoke_study_rerun_with_redo_skips_upstream_and_reruns_downstream(smoke)
   out = subprocess.run(CMD + [f'--workdir={workdir}', '--redo=bon'], cwd=ROOT, capture_output=True,
                        text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
-  # policy, gold, pairs, proxies and the RL stages (which do not read best-of-n) are reused
-  assert out.stdout.count('skipped') == 7 and '[bon] running' in out.stdout and '[report] running' in out.stdout
+  # policy, gold, pairs, proxies, warm and the RL and DPO stages (which do not read best-of-n) are reused
+  assert out.stdout.count('skipped') == 8 and '[bon] running' in out.stdout and '[report] running' in out.stdout
   assert '[rl_uwo] done before' in out.stdout and '[bon_warm] running' in out.stdout
 
 

@@ -35,6 +35,12 @@ def fit(kl, reward, form: str) -> dict[str, float]:
   return {'alpha': float(alpha), 'beta': float(beta), 'r2': float(r2)}
 
 
+def best(kl, reward, forms=FORMS) -> dict:
+  """`fit` of each of `forms` to (kl, reward), with its `form`: the one with the highest R² (NaN last)."""
+  candidates = [dict(fit(kl, reward, form), form=form) for form in forms]
+  return max(candidates, key=lambda f: -np.inf if np.isnan(f['r2']) else f['r2'])
+
+
 def bootstrap_ci(samples, *, stat=np.mean, num: int = 1000, level: float = 0.95, seed: int = 0,
                  axis: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(statistic, low, high) over `axis` of `samples` by the percentile bootstrap (resampling that axis)."""

@@ -90,8 +90,9 @@ def _eval_section(config) -> dict:
   return section
 
 
-def score_policies(config, setup: trainer.Setup, frozen_base: it.Frozen) -> list[dict]:
-  """One table row per policy checkpoint of `config.score.policies` (see the module docstring)."""
+def policy_evaluator(config, setup: trainer.Setup, frozen_base: it.Frozen):
+  """`evaluate_policy(path) -> (metrics, samples)`: the held-out rollout of the policy checkpoint at
+  `path`, scored as the RL trainer's held-out evaluation (see the module docstring)."""
   section = _eval_section(config)
   # `evaluate` never updates; the optimizer only completes the signature.
   optimizer, objective = optax.sgd(0.0), objectives.build(section)
@@ -105,16 +106,25 @@ def score_policies(config, setup: trainer.Setup, frozen_base: it.Frozen) -> list
       raise config_lib.ConfigError(f'config.score.reference={config.score.reference!r} has another model shape '
                                    'than the policies.')
   held_out = parallel.global_batch(setup.held_out, setup.mesh)
-  rows = []
-  for path in _paths(config.score.policies):
+
+  def evaluate_policy(path: str):
     params, cfg, _ = trainer.load_policy(path)
     if cfg != setup.policy_cfg:
-      raise config_lib.ConfigError(f'config.score.policies: {path} has another model shape than the first policy.')
-    _, meta = checkpoint.load(path)
+      raise config_lib.ConfigError(f'{path}: the policy has another model shape than the first policy.')
     state = it.init_state({'policy': params}, optimizer, jax.random.key(0), objective)
     frozen = frozen_base._replace(ref_params=params if ref is None else ref)
-    metrics, _ = evaluate(state, frozen, held_out, trainer.eval_key(int(config.seed)))
-    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    metrics, samples = evaluate(state, frozen, held_out, trainer.eval_key(int(config.seed)))
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}, samples
+  return evaluate_policy
+
+
+def score_policies(config, setup: trainer.Setup, frozen_base: it.Frozen) -> list[dict]:
+  """One table row per policy checkpoint of `config.score.policies` (see the module docstring)."""
+  evaluate_policy = policy_evaluator(config, setup, frozen_base)
+  rows = []
+  for path in _paths(config.score.policies):
+    m, _ = evaluate_policy(path)
+    _, meta = checkpoint.load(path)
     rows.append(dict(source=path, kind='policy', step=meta.get('data_step'),
                      **{k: m[k] for k in TABLE_KEYS if k in m}))
   return rows

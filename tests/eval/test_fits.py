@@ -50,3 +50,14 @@ def test_bootstrap_interval_contains_the_mean_and_shrinks_with_n():
   # The standard error falls as 1/√n: the 95% width is about 3.92/√n (normal theory), within 25%.
   assert (hi2 - lo2) == pytest.approx(3.92 / np.sqrt(2000), rel=0.25)
   assert (hi2 - lo2) < (hi - lo)
+
+
+def test_best_picks_the_form_that_generated_the_data():
+  kl = np.array([0.5, 1.0, 2.0, 4.0, 8.0, 16.0])
+  d = np.sqrt(kl)
+  for form, r in (('bon', d * (0.8 - 0.3 * d)), ('rl', d * (1.2 - 0.5 * np.log(d)))):
+    f = fits.best(kl, r)
+    assert f['form'] == form and f['r2'] == pytest.approx(1.0, abs=1e-12)
+    other = fits.fit(kl, r, 'rl' if form == 'bon' else 'bon')
+    assert other['r2'] < 1.0 - 1e-3  # the other form does not fit exactly, so the choice is informative
+  assert np.isnan(fits.best([1.0, 2.0], [0.1, 0.2])['r2'])  # too few points: NaN, no error
