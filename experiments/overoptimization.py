@@ -18,6 +18,9 @@ Stages (`experiments.pipeline`; each cached under `WORKDIR/<stage>/<key>/`):
            member and the gold; best-of-n curves for every objective by the unbiased estimator
   warm, bon_warm  WARM (Ramé et al. 2024): the members' weights averaged into one reward model,
            and its scores of the best-of-n samples (run when `warm` is among the objectives)
+  backbones, proxies_pretrain, bon_pretrain  a pretrain-seed ensemble (Eisenstein et al. 2023):
+           `pretrain.members` language models pretrained from different seeds, one proxy on each,
+           and their scores of the best-of-n samples (run when `pretrain.members` > 0)
   rl_<objective>  RLOO against the objective, `rl.seeds` seeds × `rl.kl_coefs` KL-penalty
            coefficients as one vmapped population; curves over its saved steps
            (`experiments/study_rl.py`)
@@ -49,11 +52,13 @@ from rmjax.models.reward_model import RewardModel
 from rmjax.rl import best_of_n as bon_lib
 from rmjax.train import loop, rm_trainer
 
-from experiments import rm_world, study_dpo, study_report, study_rl
+from experiments import rm_world, sft, study_dpo, study_report, study_rl
 from experiments.pipeline import Pipeline
 
-STAGES = ('policy', 'gold', 'pairs', 'proxies', 'bon', 'warm', 'bon_warm', 'curves', 'report')
+STAGES = ('policy', 'gold', 'pairs', 'proxies', 'bon', 'warm', 'bon_warm', 'backbones', 'proxies_pretrain',
+          'bon_pretrain', 'curves', 'dpo', 'report')
 SINGLE, WARM = study_rl.SINGLE, study_rl.WARM
+MEMBERS, PRETRAIN = 'members', 'pretrain'  # the finetune-seed and the pretrain-seed ensembles' scores
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -69,6 +74,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for name in (*config.objectives, *config.rl.objectives):
     if name not in (SINGLE, WARM):
       aggregation(config, name)
+  if config.pretrain.members:
+    if config.pretrain.members < 2:
+      raise C.ConfigError(f'config.pretrain.members={config.pretrain.members}: an ensemble needs 2 or more '
+                          'members (0 = no pretrain-seed ensemble).')
+    for name in (*config.pretrain.objectives, *config.pretrain.rl_objectives):
+      if name in (SINGLE, WARM):
+        raise C.ConfigError(f'config.pretrain: {name!r} is not an ensemble objective; list aggregations only.')
+      aggregation(config, name)
 
 
 def aggregation(config, name: str):
@@ -80,12 +93,13 @@ def aggregation(config, name: str):
     raise config_lib.ConfigError(f'config.objectives: {e}') from e
 
 
-def _rm_config(config) -> ml_collections.ConfigDict:
-  """The study's proxy section in the layout of the reward-model job (`configs/rm.py`)."""
+def _rm_config(config, members: int | None = None) -> ml_collections.ConfigDict:
+  """The study's proxy section in the layout of the reward-model job (`configs/rm.py`), for an
+  ensemble of `members` (default `proxy.members`)."""
   p = config.proxy
   return ml_collections.ConfigDict(dict(
       seed=config.seed, world=config.world, data=config.data, model=p.model,
-      ensemble=dict(kind='full', members=p.members, bootstrap=False), loss=p.loss, optim=p.optim, train=p.train,
+      ensemble=dict(kind='full', members=p.members if members is None else members, bootstrap=False), loss=p.loss, optim=p.optim, train=p.train,
       eval=dict(batch_size=p.eval_batch_size, aggregate='mean'), mesh=config.mesh))
 
 
@@ -104,7 +118,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, redo: tuple[str, ...] =
   validate(config)
   tfds.disable_progress_bar()
   workdir = pathlib.Path(workdir)
-  pipe = Pipeline(workdir, redo=redo, known=(*STAGES, *(f'rl_{name}' for name in config.rl.objectives), 'dpo'))
+  rl_runs = _rl_runs(config)
+  pipe = Pipeline(workdir, redo=redo, known=(*STAGES, *(stage for stage, _, _ in rl_runs)))
   mesh = parallel.mesh_from_config(config.mesh)
   prompts, tok = rm_world.world(config)
   rmc = _rm_config(config)
@@ -125,10 +140,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, redo: tuple[str, ...] =
                                                           init_backbone=policy_params['backbone']),
       reads={'seed': config.seed, 'proxy': config.proxy}, after=[pairs_stage],
       summary=lambda out: out[1]['eval'])
-  models = {'members': (RewardModel.from_dict(proxy_meta['model']), proxy_params, _stats(proxy_meta))}
-  reward_stages = {'members': proxies_stage}
+  models = {MEMBERS: (RewardModel.from_dict(proxy_meta['model']), proxy_params, _stats(proxy_meta))}
+  reward_stages = {MEMBERS: proxies_stage}
   bon_stage, samples = pipe.build(
-      'bon', lambda d: bon_samples(config, d, policy_params, policy_cfg, gold, models['members'], tok),
+      'bon', lambda d: bon_samples(config, d, policy_params, policy_cfg, gold, models[MEMBERS], tok),
       reads={'seed': config.seed, 'bon': config.bon, 'sampling': _sampling_fields(config.data)},
       after=[proxies_stage])
   scored = [bon_stage]
@@ -138,23 +153,42 @@ def run(config: ml_collections.ConfigDict, workdir: str, redo: tuple[str, ...] =
         reads={}, after=[proxies_stage], summary=lambda out: out[1]['eval'])
     models[WARM] = (RewardModel.from_dict(warm_meta['model']), warm_params, _stats(warm_meta))
     bon_warm_stage, samples[WARM] = pipe.build(
-        'bon_warm', lambda d: score_samples(config, d, samples, models[WARM], tok), reads={},
+        'bon_warm', lambda d: score_samples(config, d, samples, models[WARM], tok, WARM), reads={},
         after=[bon_stage, reward_stages[WARM]])
     scored.append(bon_warm_stage)
+  if config.pretrain.members:
+    k = int(config.pretrain.members)
+    backbones_stage, backbones = pipe.build(
+        'backbones', lambda d: pretrain_backbones(config, d, policy_params, tok, mesh),
+        reads={'seed': config.seed, 'num_documents': w.num_documents, 'policy': w.policy, 'members': k},
+        after=[policy_stage])
+    reward_stages[PRETRAIN], (pre_params, pre_meta) = pipe.build(
+        'proxies_pretrain', lambda d: rm_world.train_reward_models(_rm_config(config, k), d, data, tok, mesh,
+                                                                   init_backbone=backbones),
+        reads={'seed': config.seed, 'proxy': config.proxy}, after=[pairs_stage, backbones_stage],
+        summary=lambda out: out[1]['eval'])
+    models[PRETRAIN] = (RewardModel.from_dict(pre_meta['model']), pre_params, _stats(pre_meta))
+    bon_pretrain_stage, samples[PRETRAIN] = pipe.build(
+        'bon_pretrain', lambda d: score_samples(config, d, samples, models[PRETRAIN], tok, PRETRAIN), reads={},
+        after=[bon_stage, reward_stages[PRETRAIN]])
+    scored.append(bon_pretrain_stage)
   curves_stage, curves = pipe.build(
       'curves', lambda d: bon_curves(config, samples, models),
-      reads={'seed': config.seed, 'objectives': config.objectives,
+      reads={'seed': config.seed, 'objectives': config.objectives, 'pretrain': config.pretrain,
              **{name: config[name] for name in config.objectives if name in config}},
       after=scored, summary=lambda out: out)
   rl_reads = {'seed': config.seed, 'rl': {k: v for k, v in config.rl.items() if k != 'objectives'},
               'sampling': _sampling_fields(config.data), 'num_eval': config.bon.num_prompts}
-  reward_fn = lambda name, scores: objective_reward(config, name, scores, models[_source(name)][2])
+  reward_fns = {source: (lambda name, scores, source=source: objective_reward(config, name, scores,
+                                                                              models[source][2]))
+                for source in models}
   rl_stages = []
-  for name in config.rl.objectives:
-    reward_stage = reward_stages[_source(name)]
+  for stage_name, name, source in rl_runs:
+    reward_stage = reward_stages[source]
     dirs = {'policy': policy_stage.dir, 'gold': gold_stage.dir, 'reward': reward_stage.dir}
     rl_stages.append(pipe.build(
-        f'rl_{name}', lambda d, name=name, dirs=dirs: study_rl.run(config, d, name, dirs, reward_fn, gold),
+        stage_name, lambda d, name=name, source=source, dirs=dirs: study_rl.run(
+            config, d, name, dirs, reward_fns[source], gold, ensemble=_ensemble(name, source)),
         reads={**rl_reads, 'objective': name, 'options': config[name] if name in config else None},
         after=[policy_stage, gold_stage, reward_stage], summary=lambda out: out)[0])
   trained = rl_stages
@@ -162,7 +196,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, redo: tuple[str, ...] =
     dirs = {'policy': policy_stage.dir, 'gold': gold_stage.dir, 'reward': proxies_stage.dir, 'pairs': pairs_stage.dir}
     r = config.rl
     trained = [*rl_stages, pipe.build(
-        'dpo', lambda d: study_dpo.run(config, d, dirs, reward_fn, gold),
+        'dpo', lambda d: study_dpo.run(config, d, dirs, reward_fns[MEMBERS], gold),
         reads={'seed': config.seed, 'dpo': config.dpo, 'sampling': _sampling_fields(config.data),
                'eval': {'group_size': r.group_size, 'prompt_len': r.prompt_len, 'num_eval': config.bon.num_prompts}},
         after=[policy_stage, gold_stage, pairs_stage, proxies_stage], summary=lambda out: out)[0]]
@@ -174,8 +208,41 @@ def run(config: ml_collections.ConfigDict, workdir: str, redo: tuple[str, ...] =
 
 
 def _source(name: str) -> str:
-  """Which model's scores objective `name` reads: WARM's, or the ensemble members'."""
-  return WARM if name == WARM else 'members'
+  """Which model's scores objective `name` reads: WARM's, or the finetune-seed members'."""
+  return WARM if name == WARM else MEMBERS
+
+
+def _ensemble(name: str, source: str) -> str | None:
+  """A curve's `ensemble` field: None for the single proxy, else how the members differ."""
+  return None if name == SINGLE else ('pretrain' if source == PRETRAIN else 'finetune')
+
+
+def _with_sources(names, pretrain_names) -> list[tuple[str, str]]:
+  """(objective, source of its scores) for `names` and, on the pretrain-seed ensemble, `pretrain_names`."""
+  return [(n, _source(n)) for n in names] + [(n, PRETRAIN) for n in pretrain_names]
+
+
+def _rl_runs(config) -> list[tuple[str, str, str]]:
+  """(stage name, objective, source) of every RL stage."""
+  pretrain = config.pretrain.rl_objectives if config.pretrain.members else ()
+  return [(f'rl_{n}' + ('_pretrain' if src == PRETRAIN else ''), n, src)
+          for n, src in _with_sources(config.rl.objectives, pretrain)]
+
+
+def pretrain_backbones(config, folder: pathlib.Path, policy_params, tok, mesh) -> list:
+  """Stage `backbones`: the backbones of a pretrain-seed ensemble (Eisenstein et al. 2023).
+
+  Member 0 is the policy's backbone; member k > 0 is the backbone of a language model pretrained
+  like the policy — same world, documents and settings — from seed `1000·seed + k` (its
+  initialization and batch order), in `folder/seed_k`. Returns the `pretrain.members` backbones.
+  """
+  corpus = sft.grammar_corpus(folder, int(config.seed), int(config.world.num_documents)).as_data_source('train')
+  backbones = [policy_params['backbone']]
+  for k in range(1, int(config.pretrain.members)):
+    run_config = ml_collections.ConfigDict(dict(config.to_dict(), seed=1000 * int(config.seed) + k))
+    params, _ = sft.pretrain(config.world.policy, folder / f'seed_{k}', corpus, tok, mesh, run_config)
+    backbones.append(params['backbone'])
+  return backbones
 
 
 def warm_proxy(rmc, folder: pathlib.Path, data, tok, proxy_params, proxy_meta, mesh) -> tuple[dict, dict]:
@@ -245,15 +312,15 @@ def bon_samples(config, folder: pathlib.Path, policy_params, policy_cfg, gold, m
   return {**dict(np.load(samples_file)), **json.loads((folder / 'samples.json').read_text())}
 
 
-def score_samples(config, folder: pathlib.Path, samples: dict, model: tuple, tok) -> np.ndarray:
-  """Stage `bon_warm`: raw scores `[1, P, N]` of the best-of-n samples by another reward model
-  (model, params, stats), saved as (and, when present, loaded from) `scores.npy`."""
+def score_samples(config, folder: pathlib.Path, samples: dict, model: tuple, tok, name: str) -> np.ndarray:
+  """Stages `bon_warm`, `bon_pretrain`: raw scores `[K, P, N]` of the best-of-n samples by another
+  reward model (model, params, stats), saved as (and, when present, loaded from) `scores.npy`."""
   path = folder / 'scores.npy'
   if not path.exists():
     n_prompts, n_samples = samples['gold'].shape
     pairs = [(p, r) for p, r in zip((p for p in samples['prompts'] for _ in range(n_samples)), samples['texts'])]
     rm, params, _ = model
-    scores = rm_world.score_texts(_sample_config(config), rm, params, tok, pairs, desc='warm scores')
+    scores = rm_world.score_texts(_sample_config(config), rm, params, tok, pairs, desc=f'{name} scores')
     np.save(folder / 'scores.tmp.npy', scores.reshape(-1, n_prompts, n_samples))
     (folder / 'scores.tmp.npy').replace(path)
   return np.load(path)
@@ -266,11 +333,12 @@ def bon_curves(config, samples: dict, models: dict) -> dict:
   # identical responses of a prompt share an id (for the plug-in KL)
   ids = np.unique(np.asarray(samples['texts'], dtype=str), return_inverse=True)[1].reshape(n_prompts, n_samples)
   curves = []
-  for name in config.objectives:
-    proxy = objective_reward(config, name, samples[_source(name)], models[_source(name)][2])  # [P, N]
+  pretrain = config.pretrain.objectives if config.pretrain.members else ()
+  for name, source in _with_sources(config.objectives, pretrain):
+    proxy = objective_reward(config, name, samples[source], models[source][2])  # [P, N]
     curve = bon_curve(name, proxy, samples['gold'], {'length': samples['lengths'],
                                                      'grammatical': samples['grammatical']},
-                      ids, ns, int(config.seed), ensemble=None if name == SINGLE else 'finetune')
+                      ids, ns, int(config.seed), ensemble=_ensemble(name, source))
     curve['examples'] = _examples(samples, proxy, samples['gold'], ns[-1])
     curves.append(curve)
   return {'ns': ns, 'curves': curves}

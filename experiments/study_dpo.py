@@ -94,8 +94,9 @@ def run(config, folder: pathlib.Path, dirs: dict, reward_fn, gold) -> list[dict]
           writer.write(step, {f'eval/{k}': v for k, v in metrics.items()})
       (scoring / 'metrics.jsonl').replace(member / 'metrics.jsonl')
       shutil.rmtree(scoring)
-    curve = study_rl.member_curve(study_rl.SINGLE, member, seed, beta, int(config.rl.group_size), reward_fn, gold)
-    curve.update(method=METHOD, optimizer=METHOD, ensemble=None)
+    curve = study_rl.member_curve(study_rl.SINGLE, member, seed, beta, int(config.rl.group_size), reward_fn, gold,
+                                  ensemble=None)
+    curve.update(method=METHOD, optimizer=METHOD)
     curve['fits'] = {key: fits.best(curve['kl'], curve[f'{key}_reward']) for key in ('gold', 'proxy')}
     curves.append(curve)
   return curves

@@ -19,7 +19,7 @@ def _plot(curves: list[dict], path: pathlib.Path, title: str) -> None:
   for c in curves:
     d = np.sqrt(c['kl'])
     for ax, key in zip(axes, ('gold_reward', 'proxy_reward')):
-      line, = ax.plot(d, c[key], marker='o', ms=3, label=c.get('label', c['method']))
+      line, = ax.plot(d, c[key], marker='o', ms=3, label=c.get('label', _name(c)))
       lo, hi = c[f'{key}_ci']
       ax.fill_between(d, lo, hi, color=line.get_color(), alpha=0.15)
   for ax, name in zip(axes, ('gold reward', 'proxy reward')):
@@ -35,6 +35,17 @@ def _plot(curves: list[dict], path: pathlib.Path, title: str) -> None:
   plt.close(fig)
 
 
+def _name(curve: dict) -> str:
+  """A curve's method, marked when its ensemble's members differ by pretraining seed."""
+  return curve['method'] + (' (pretrain)' if curve.get('ensemble') == 'pretrain' else '')
+
+
+def _agreement(ev: dict) -> str:
+  """'mean 0.700 (members 0.650, ...)' from a reward model's held-out metrics."""
+  members = [f'{v:.3f}' for k, v in sorted(ev.items()) if k.startswith('eval/gold_accuracy_')]
+  return f'{ev["eval/gold_accuracy"]:.3f}' + (f' (members {", ".join(members)})' if members else '')
+
+
 def _fmt_ci(mean: float, lo: float, hi: float) -> str:
   return f'{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]'
 
@@ -47,7 +58,7 @@ def _table(curves: list[dict]) -> list[str]:
     lo, hi = (np.asarray(x) for x in c['gold_reward_ci'])
     i = int(np.argmax(g))
     f = c['fits']['gold']
-    rows.append(f'| {c["method"]} | {_fmt_ci(g[i], lo[i], hi[i])} | {c["kl"][i]:.2f} | '
+    rows.append(f'| {_name(c)} | {_fmt_ci(g[i], lo[i], hi[i])} | {c["kl"][i]:.2f} | '
                 f'{_fmt_ci(g[-1], lo[-1], hi[-1])} | {c["proxy_reward"][-1]:+.3f} | {c["length"][-1]:.1f} | '
                 f'{c["grammatical"][0]:.2f} → {c["grammatical"][-1]:.2f} | '
                 f'{f["alpha"]:.3f}, {f["beta"]:.3f} ({f["r2"]:.2f}) |')
@@ -56,7 +67,7 @@ def _table(curves: list[dict]) -> list[str]:
 
 def _common_kl(curves: list[dict]) -> list[str]:
   kls = curves[0]['kl']
-  rows = ['| KL | ' + ' | '.join(c['method'] for c in curves) + ' |', '|---' * (len(curves) + 1) + '|']
+  rows = ['| KL | ' + ' | '.join(_name(c) for c in curves) + ' |', '|---' * (len(curves) + 1) + '|']
   for j, kl in enumerate(kls):
     rows.append(f'| {kl:.2f} (plug-in {curves[0]["kl_plugin"][j]:.2f}) | '
                 + ' | '.join(f'{c["gold_reward"][j]:+.3f}' for c in curves) + ' |')
@@ -69,12 +80,12 @@ def seed_groups(curves: list[dict]) -> list[dict]:
   gold of each seed."""
   groups: dict[tuple, list[dict]] = {}
   for c in curves:
-    groups.setdefault((c['method'], c['kl_coef']), []).append(c)
+    groups.setdefault((c['method'], c['ensemble'], c['kl_coef']), []).append(c)
   out = []
-  for (method, beta), members in groups.items():
+  for (method, ensemble, beta), members in groups.items():
     n = min(len(c['step']) for c in members)
     g = {'method': method, 'kl_coef': beta, 'seeds': [c['seed'] for c in members], 'step': members[0]['step'][:n],
-         'label': f'{method} β={beta:g}', 'examples': members[0]['examples']}
+         'ensemble': ensemble, 'label': f'{_name(members[0])} β={beta:g}', 'examples': members[0]['examples']}
     for key in ('kl', 'proxy_reward', 'gold_reward', 'length', 'grammatical'):
       values = np.asarray([c[key][:n] for c in members], np.float64)  # [seeds, steps]
       mean, lo, hi = fits.bootstrap_ci(values, axis=0)
@@ -94,7 +105,7 @@ def _rl_table(groups: list[dict]) -> list[str]:
     i = int(np.argmax(gold))
     lo, hi = (x[-1] for x in g['gold_reward_ci'])
     f = g['fits']['gold']
-    rows.append(f'| {g["method"]} | {g["kl_coef"]:g} | {len(g["seeds"])} | {gold[i]:+.3f} | {g["kl"][i]:.2f} | '
+    rows.append(f'| {_name(g)} | {g["kl_coef"]:g} | {len(g["seeds"])} | {gold[i]:+.3f} | {g["kl"][i]:.2f} | '
                 f'{g["kl"][-1]:.2f} | {_fmt_ci(gold[-1], lo, hi)} | {g["proxy_reward"][-1]:+.3f} | '
                 f'{g["length"][-1]:.1f} | {g["grammatical"][0]:.2f} → {g["grammatical"][-1]:.2f} | '
                 f'{f["alpha"]:.3f}, {f["beta"]:.3f} ({f["r2"]:.2f}{", " + f["form"] + " form" if "form" in f else ""}) |')
@@ -109,7 +120,8 @@ def _rl_common_kl(curves: list[dict], groups: list[dict], points: int = 5) -> li
   for kl in kls:
     cells = []
     for g in groups:
-      seeds = [c for c in curves if (c['method'], c['kl_coef']) == (g['method'], g['kl_coef'])]
+      seeds = [c for c in curves if (c['method'], c['ensemble'], c['kl_coef']) == (g['method'], g['ensemble'],
+                                                                                  g['kl_coef'])]
       vals = [np.interp(kl, np.maximum.accumulate(c['kl']), c['gold_reward']) for c in seeds]
       cells.append(f'{np.mean(vals):+.3f}')
     rows.append(f'| {kl:.2f} | ' + ' | '.join(cells) + ' |')
@@ -152,10 +164,9 @@ def write(config, workdir: pathlib.Path, stages: dict) -> dict:
   rl_lines = []
   for title, name, chosen in (('RL (RLOO)', 'rl', rl_curves), ('DPO', 'dpo', dpo_curves)):
     if chosen:
-      lines, path = _trained_section(title, name, chosen, workdir, int(config.seed))
-      rl_lines += lines
+      section, path = _trained_section(title, name, chosen, workdir, int(config.seed))
+      rl_lines += section
       plots.append(path)
-  ev = stages['proxies'].result
   lines = [
       '# Reward-model overoptimization on the synthetic world', '',
       f'Seed {config.seed}. Gold and proxy rewards are relative to the base policy (R(0) = 0) in units of each '
@@ -163,16 +174,16 @@ def write(config, workdir: pathlib.Path, stages: dict) -> dict:
       'samples in the KL table). 95% intervals: bootstrap over held-out prompts. "Grammatical": the mean '
       'share of response sentences that parse under the world\'s grammar, base policy → largest KL.', '',
       '## Proxies', '',
-      f'Held-out agreement with the gold\'s noiseless ordering: ensemble mean {ev.get("eval/gold_accuracy", float("nan")):.3f}; '
-      + ', '.join(f'member {k.rsplit("_", 1)[1]} {v:.3f}' for k, v in sorted(ev.items())
-                  if k.startswith('eval/gold_accuracy_'))
-      + (f'; WARM {stages["warm"].result["eval/gold_accuracy"]:.3f}' if 'warm' in stages else '')
-      + f' (labels in training had {config.data.flip_prob:.0%} flipped).', '',
+      f'Held-out agreement with the gold\'s noiseless ordering (labels in training had '
+      f'{config.data.flip_prob:.0%} flipped):', '',
+      *(f'- {label}: {_agreement(stages[name].result)}' for name, label in (
+          ('proxies', 'finetune-seed ensemble'), ('warm', 'WARM'), ('proxies_pretrain', 'pretrain-seed ensemble'))
+        if name in stages), '',
       '## Best-of-n', '', f'![best-of-n]({plot.name})', '', *_table(curves), '',
       '### Gold reward at common KL values', '', *_common_kl(curves), '',
       '### Samples at low and high KL', '']
   for c in curves:
-    lines.append(f'**{c["method"]}**')
+    lines.append(f'**{_name(c)}**')
     lines.append('')
     for e in c['examples']:
       lines.append(f'- {e["which"]} — proxy {e["proxy"]:+.2f}, gold {e["gold"]:+.2f}: '

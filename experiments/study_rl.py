@@ -85,19 +85,20 @@ def validate(config) -> None:
                         f'{config.data.seq_len}, the width the proxies were trained on.')
 
 
-def run(config, folder: pathlib.Path, name: str, dirs: dict, reward_fn, gold) -> list[dict]:
+def run(config, folder: pathlib.Path, name: str, dirs: dict, reward_fn, gold, ensemble: str | None) -> list[dict]:
   """Stage `rl_<name>`: trains (or resumes) the population in `folder`; returns its curves.
 
   dirs: the `policy`, `gold` and `reward` (`rl_config`) stage folders. reward_fn(name, members [K, P, N]) ->
   the objective's reward `[P, N]` (as for best-of-n). gold: the `rm_world.Gold` (the trainer
-  scores rollouts with its network part z; the curves add the fluency part).
+  scores rollouts with its network part z; the curves add the fluency part). ensemble: the
+  curves' `ensemble` field (None, 'finetune' or 'pretrain').
   """
   c = rl_config(config, name, dirs['policy'], dirs['gold'], dirs['reward'])
   population.run(c, str(folder))
   members = population.parse_members(c)
   group = int(config.rl.group_size)
   return [member_curve(name, folder / 'members' / str(i), m.seed, m.values['objective.kl_penalty.beta'],
-                       group, reward_fn, gold) for i, m in enumerate(members)]
+                       group, reward_fn, gold, ensemble) for i, m in enumerate(members)]
 
 
 def _rollouts(path: pathlib.Path) -> list[dict]:
@@ -105,7 +106,7 @@ def _rollouts(path: pathlib.Path) -> list[dict]:
 
 
 def member_curve(name: str, member_dir: pathlib.Path, seed: int, beta: float, group: int, reward_fn,
-                 gold) -> dict:
+                 gold, ensemble: str | None) -> dict:
   """One member's RL curve over its saved steps (module docstring)."""
   kl_at = {int(r['step']): r['eval/kl/k1'] for r in read_metrics(member_dir / 'metrics.jsonl') if 'eval/kl/k1' in r}
   steps = sorted(int(p.stem) for p in (member_dir / 'rollouts').glob('*.jsonl'))
@@ -126,7 +127,7 @@ def member_curve(name: str, member_dir: pathlib.Path, seed: int, beta: float, gr
     per_step['length'].append(np.mean([len(r['tokens']) for r in rows]))
     per_step['grammatical'].append(np.mean([gold.grammar.grammatical_share(t) for t in responses]))
     texts[s] = [dict(r, gold=float(v)) for r, v in zip(rows, full_gold)]
-  curve = {'method': name, 'optimizer': 'rl', 'ensemble': None if name == SINGLE else 'finetune',
+  curve = {'method': name, 'optimizer': 'rl', 'ensemble': ensemble,
            'kl_coef': beta, 'seed': seed, 'step': steps, 'kl': [float(kl_at[s]) for s in steps],
            **{key: [float(x) for x in per_step[key]] for key in ('length', 'grammatical')}}
   for key in ('proxy', 'gold'):

@@ -86,7 +86,9 @@ def test_smoke_study_writes_results_plot_and_report(smoke):
   results = json.loads((workdir / 'results.json').read_text())
   bon = [c for c in results['curves'] if c['optimizer'] == 'bon']
   rl = [c for c in results['curves'] if c['optimizer'] == 'rl']
-  assert {c['method'] for c in bon} == {'single', 'mean', 'wco', 'uwo', 'warm'}
+  assert sorted((c['method'], c['ensemble']) for c in bon) == [
+      ('mean', 'finetune'), ('mean', 'pretrain'), ('single', None), ('uwo', 'finetune'), ('warm', 'finetune'),
+      ('wco', 'finetune')]
   for c in bon:
     n = len(c['n'])
     assert c['optimizer'] == 'bon' and c['n'] == sorted(c['n'])
@@ -125,9 +127,11 @@ def test_smoke_study_rerun_with_redo_skips_upstream_and_reruns_downstream(smoke)
   out = subprocess.run(CMD + [f'--workdir={workdir}', '--redo=bon'], cwd=ROOT, capture_output=True,
                        text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
-  # policy, gold, pairs, proxies, warm and the RL and DPO stages (which do not read best-of-n) are reused
-  assert out.stdout.count('skipped') == 8 and '[bon] running' in out.stdout and '[report] running' in out.stdout
+  # policy, gold, pairs, proxies, warm, backbones, proxies_pretrain and the RL and DPO stages (which do
+  # not read best-of-n) are reused
+  assert out.stdout.count('skipped') == 10 and '[bon] running' in out.stdout and '[report] running' in out.stdout
   assert '[rl_uwo] done before' in out.stdout and '[bon_warm] running' in out.stdout
+  assert '[bon_pretrain] running' in out.stdout
 
 
 @pytest.mark.slow
@@ -144,6 +148,17 @@ def test_smoke_study_warm_is_the_members_weight_average(smoke):
     assert leaf.shape == (1, *member_leaves.shape[1:])
     np.testing.assert_allclose(leaf[0], member_leaves.mean(axis=0), rtol=1e-6, atol=1e-7)  # float32 means
   assert meta['normalization']['std'][0] > 0 and 0.0 <= meta['eval']['eval/gold_accuracy'] <= 1.0
+
+
+@pytest.mark.slow
+def test_smoke_study_pretrain_members_start_from_different_pretrained_backbones(smoke):
+  from rmjax.train import checkpoint
+  workdir, _ = smoke
+  (policy,), (backbones,) = (list((workdir / name).iterdir()) for name in ('policy', 'backbones'))
+  lm, _ = checkpoint.load(policy / 'checkpoints')
+  other, _ = checkpoint.load(backbones / 'seed_1' / 'checkpoints')
+  embed = lambda state: np.asarray(state['params']['backbone']['embed']['embedding'])
+  assert embed(lm).shape == embed(other).shape and not np.allclose(embed(lm), embed(other))
 
 
 def _leaves(tree, prefix=''):

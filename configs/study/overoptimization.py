@@ -38,6 +38,10 @@ def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
   c.proxy.train = C.train(300, batch_size=32, log_every=25, eval_every=100, checkpoint_every=100)
   c.proxy.eval_batch_size = 128
 
+  # A pretrain-seed ensemble (Eisenstein et al.): members on LMs pretrained from different seeds
+  # (0 = none; `:medium` builds one), with the aggregations applied to it under best-of-n and RL.
+  c.pretrain = ml_collections.ConfigDict(dict(members=0, objectives=('mean', 'wco', 'uwo'), rl_objectives=()))
+
   # 4. Objectives optimized against, by name: the registry's aggregations of the members, 'single'
   # (member 0 alone) and 'warm' (the members' weight average, Ramé et al.).
   c.objectives = ('single', 'mean', 'wco', 'uwo')
@@ -73,10 +77,12 @@ def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
     c.rl.update(dict(objectives=('warm', 'uwo'), seeds=1, iterations=4, eval_every=2, prompts_per_iteration=4,
                      group_size=2, prompt_len=32, progress=False))
     c.dpo.update(dict(betas=(0.1,), seeds=1, steps=4, eval_every=2, batch_size=16, progress=False))
+    c.pretrain.update(dict(members=2, objectives=('mean',)))
   elif arg == 'medium':
     c.objectives = ('single', 'mean', 'wco', 'uwo', 'mean_minus_std', 'median', 'warm')
     c.rl.objectives = ('single', 'mean', 'wco', 'uwo', 'mean_minus_std', 'warm')
     c.dpo.betas = (0.05, 0.1, 0.5)
+    c.pretrain.update(dict(members=4, objectives=('mean', 'wco', 'uwo', 'mean_minus_std'), rl_objectives=('mean', 'uwo')))
     c.bon.num_prompts = 128
     c.bon.samples = 1024
     c.bon.n_max = 512

@@ -26,6 +26,7 @@ import optax
 
 from rmjax import config as config_lib
 from rmjax import objectives, parallel
+from rmjax.models import ensemble
 from rmjax.models.config import ModelConfig
 from rmjax.models.reward_model import KINDS, RewardModel
 from rmjax.train import checkpoint, loop, optim
@@ -171,7 +172,14 @@ def zero_head_bias(optimizer: optax.GradientTransformation) -> optax.GradientTra
 
 
 def with_backbone(rm: RewardModel, params, backbone):
-  """Replace the backbone of every member by `backbone` (e.g. a pretrained LM's `params['backbone']`)."""
+  """Replace the backbone of every member by `backbone` (e.g. a pretrained LM's `params['backbone']`),
+  or, for a 'full' ensemble, member k's by `backbone[k]` when `backbone` is a list of K backbones
+  (e.g. LMs pretrained from different seeds)."""
+  if isinstance(backbone, (list, tuple)):
+    if rm.kind != 'full' or len(backbone) != rm.num_members:
+      raise ValueError(f'init_backbone: a list of {len(backbone)} backbones needs a full ensemble of as many '
+                       f'members; the model is {rm.kind!r} with {rm.num_members}.')
+    return {**params, 'backbone': ensemble.stack(list(backbone))}
   if rm.kind == 'full':
     backbone = jax.tree.map(lambda x: jnp.broadcast_to(x, (rm.num_members,) + x.shape), backbone)
   return {**params, 'backbone': backbone}
@@ -206,7 +214,8 @@ def train(config, workdir, *, model_config: ModelConfig, train_batches, eval_bat
 
   reference_batches: pair batches whose responses (chosen and rejected rows) give each member's
   normalization statistics (mean, std of its raw scores), saved with the final checkpoint.
-  init_backbone: optional backbone params (e.g. a pretrained policy's) for every member.
+  init_backbone: optional backbone params (e.g. a pretrained policy's) for every member, or a list
+  of one backbone per member (`with_backbone`).
   """
   validate(config)
   rm = RewardModel(model_config, num_members=int(config.ensemble.members), kind=config.ensemble.kind)
