@@ -21,6 +21,7 @@ Stages (`experiments.pipeline`; each cached under `WORKDIR/<stage>/<key>/`):
   backbones, proxies_pretrain, bon_pretrain  a pretrain-seed ensemble (Eisenstein et al. 2023):
            `pretrain.members` language models pretrained from different seeds, one proxy on each,
            and their scores of the best-of-n samples (run when `pretrain.members` > 0)
+  ref_rewards  base-policy samples per prompt scored by the single proxy: `log_sigmoid`'s r_ref(x)
   rl_<objective>  RLOO against the objective, `rl.seeds` seeds × `rl.kl_coefs` KL-penalty
            coefficients as one vmapped population; curves over its saved steps
            (`experiments/study_rl.py`)
@@ -56,8 +57,8 @@ from experiments import rm_world, sft, study_dpo, study_report, study_rl
 from experiments.pipeline import Pipeline
 
 STAGES = ('policy', 'gold', 'pairs', 'proxies', 'bon', 'warm', 'bon_warm', 'backbones', 'proxies_pretrain',
-          'bon_pretrain', 'curves', 'dpo', 'report')
-SINGLE, WARM = study_rl.SINGLE, study_rl.WARM
+          'bon_pretrain', 'curves', 'ref_rewards', 'dpo', 'report')
+SINGLE, WARM, LOG_SIGMOID, ONE_MODEL = study_rl.SINGLE, study_rl.WARM, study_rl.LOG_SIGMOID, study_rl.ONE_MODEL
 MEMBERS, PRETRAIN = 'members', 'pretrain'  # the finetune-seed and the pretrain-seed ensembles' scores
 
 
@@ -71,15 +72,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
                         'unbiased best-of-n estimator needs n <= N samples per prompt.')
   study_rl.validate(config)
   study_dpo.validate(config)
+  if LOG_SIGMOID in config.objectives:
+    raise C.ConfigError('config.objectives: log_sigmoid is increasing in the single proxy\'s reward for each '
+                        'prompt, so best-of-n picks what `single` picks; list it in rl.objectives only.')
   for name in (*config.objectives, *config.rl.objectives):
-    if name not in (SINGLE, WARM):
+    if name not in ONE_MODEL:
       aggregation(config, name)
+  if LOG_SIGMOID in config.rl.objectives:
+    C.require_positive(config, 'log_sigmoid.ref_samples')
+    C.require_range(config, 'log_sigmoid.q', 0.0, 1.0)
   if config.pretrain.members:
     if config.pretrain.members < 2:
       raise C.ConfigError(f'config.pretrain.members={config.pretrain.members}: an ensemble needs 2 or more '
                           'members (0 = no pretrain-seed ensemble).')
     for name in (*config.pretrain.objectives, *config.pretrain.rl_objectives):
-      if name in (SINGLE, WARM):
+      if name in ONE_MODEL:
         raise C.ConfigError(f'config.pretrain: {name!r} is not an ensemble objective; list aggregations only.')
       aggregation(config, name)
 
@@ -184,13 +191,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, redo: tuple[str, ...] =
                 for source in models}
   rl_stages = []
   for stage_name, name, source in rl_runs:
-    reward_stage = reward_stages[source]
-    dirs = {'policy': policy_stage.dir, 'gold': gold_stage.dir, 'reward': reward_stage.dir}
+    after = [policy_stage, gold_stage, reward_stages[source]]
+    dirs = {'policy': policy_stage.dir, 'gold': gold_stage.dir, 'reward': reward_stages[source].dir}
+    if name == LOG_SIGMOID:
+      ref_stage, dirs['ref_samples'] = pipe.build(
+          'ref_rewards', lambda d: reference_rewards(config, d, policy_params, policy_cfg, models[MEMBERS], tok),
+          reads={'seed': config.seed, 'samples': config.log_sigmoid.ref_samples, 'num_eval': config.bon.num_prompts,
+                 'num_prompts': w.num_prompts, 'sampling': _sampling_fields(config.data)}, after=[proxies_stage])
+      after.append(ref_stage)
     rl_stages.append(pipe.build(
         stage_name, lambda d, name=name, source=source, dirs=dirs: study_rl.run(
             config, d, name, dirs, reward_fns[source], gold, ensemble=_ensemble(name, source)),
         reads={**rl_reads, 'objective': name, 'options': config[name] if name in config else None},
-        after=[policy_stage, gold_stage, reward_stage], summary=lambda out: out)[0])
+        after=after, summary=lambda out: out)[0])
   trained = rl_stages
   if config.dpo.betas:
     dirs = {'policy': policy_stage.dir, 'gold': gold_stage.dir, 'reward': proxies_stage.dir, 'pairs': pairs_stage.dir}
@@ -227,6 +240,27 @@ def _rl_runs(config) -> list[tuple[str, str, str]]:
   pretrain = config.pretrain.rl_objectives if config.pretrain.members else ()
   return [(f'rl_{n}' + ('_pretrain' if src == PRETRAIN else ''), n, src)
           for n, src in _with_sources(config.rl.objectives, pretrain)]
+
+
+def reference_rewards(config, folder: pathlib.Path, policy_params, policy_cfg, members: tuple, tok) -> pathlib.Path:
+  """Stage `ref_rewards`: for `log_sigmoid`'s r_ref(x), `log_sigmoid.ref_samples` base-policy samples
+  per prompt id (the world's prompts, then the held-out ones, as the RL trainer numbers them),
+  scored by the single proxy (member 0, normalized). Saves and returns `ref_samples.npy` `[P_all, N]`.
+  """
+  path = folder / 'ref_samples.npy'
+  if not path.exists():
+    n = int(config.log_sigmoid.ref_samples)
+    prompts = Grammar.random(config.seed).prompts(int(config.world.num_prompts) + int(config.bon.num_prompts),
+                                                  seed=config.seed)
+    flat = [p for p in prompts for _ in range(n)]
+    sample_config = _sample_config(config)
+    responses = rm_world.sample_responses(sample_config, policy_params, policy_cfg, flat, tok, split_seed=9,
+                                          desc='reference samples')
+    model, params, stats = members
+    raw = rm_world.score_texts(sample_config, model, params, tok, list(zip(flat, responses)), desc='reference scores')
+    np.save(folder / 'ref_samples.tmp.npy', ((raw[0] - stats.mean[0]) / stats.std[0]).reshape(len(prompts), n))
+    (folder / 'ref_samples.tmp.npy').replace(path)
+  return path
 
 
 def pretrain_backbones(config, folder: pathlib.Path, policy_params, tok, mesh) -> list:
@@ -361,7 +395,7 @@ def objective_reward(config, name: str, members: np.ndarray, stats: objectives.R
   (`_source`), normalized by that model's `stats`."""
   k, p, n = members.shape
   flat = members.reshape(k, p * n)
-  if name in (SINGLE, WARM):
+  if name in ONE_MODEL:  # log_sigmoid's proxy reward is the single proxy's
     out = (flat[0] - stats.mean[0]) / stats.std[0]
   else:
     out = np.asarray(aggregation(config, name)(jax.numpy.asarray(flat), stats=stats))

@@ -21,7 +21,6 @@ import ml_collections
 from rmjax import config as config_lib
 from rmjax.eval import fits
 from rmjax.rl import dpo as dpo_lib
-from rmjax.rl import iteration as it
 from rmjax.rl import score, trainer
 from rmjax.train import checkpoint
 from rmjax.train.metrics import MetricsWriter
@@ -76,8 +75,7 @@ def run(config, folder: pathlib.Path, dirs: dict, reward_fn, gold) -> list[dict]
   rl = study_rl.rl_config(config, study_rl.SINGLE, dirs['policy'], dirs['gold'], dirs['reward'])
   rl.score = ml_collections.ConfigDict(dict(reference=str(dirs['policy'] / 'checkpoints')))
   setup = trainer.build(rl)
-  evaluate_policy = score.policy_evaluator(rl, setup, it.Frozen(
-      ref_params=None, reward_params=setup.reward_params, stats=setup.stats, gold_params=setup.gold_params))
+  evaluate_policy = score.policy_evaluator(rl, setup, trainer.frozen_models(setup, None))
   curves = []
   for i, (seed, beta) in enumerate(members(config)):
     member = folder / 'members' / str(i)

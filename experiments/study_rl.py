@@ -29,6 +29,8 @@ from rmjax.rl import population, trainer
 from rmjax.train.metrics import read_metrics
 
 SINGLE, WARM = 'single', 'warm'  # the one-model objectives: member 0 of the ensemble; its weight average
+LOG_SIGMOID = 'log_sigmoid'  # log σ(r̃_0 − r_ref(x)) on the single proxy (Wang et al. 2024)
+ONE_MODEL = (SINGLE, WARM, LOG_SIGMOID)
 
 
 def member_seeds(config) -> list[int]:
@@ -37,15 +39,17 @@ def member_seeds(config) -> list[int]:
 
 
 def rl_config(config, name: str, policy_dir: pathlib.Path, gold_dir: pathlib.Path,
-              reward_dir: pathlib.Path) -> ml_collections.ConfigDict:
+              reward_dir: pathlib.Path, ref_samples: pathlib.Path | None = None) -> ml_collections.ConfigDict:
   """The RL trainer's config for objective `name` (see the module docstring); `reward_dir`: the
-  `proxies` stage's folder, or the `warm` stage's for `warm`."""
+  `proxies` stage's folder, or the `warm` stage's for `warm`; `ref_samples`: for `log_sigmoid`, the
+  `.npy` of the single proxy's normalized rewards of base-policy samples per prompt id."""
   r = config.rl
   c = trainer.base_config('rloo', 'tiny')
   c.seed = int(config.seed)
   c.policy.path = str(policy_dir / 'checkpoints')
   c.reward.path = str(reward_dir / 'checkpoints')
-  c.reward.members = '0' if name == SINGLE else ''
+  c.reward.members = '0' if name in (SINGLE, LOG_SIGMOID) else ''
+  c.reward.ref_samples = str(ref_samples) if name == LOG_SIGMOID else ''
   c.gold.path = str(gold_dir)
   c.data.update(dict(seed=int(config.seed), num_prompts=int(config.world.num_prompts),
                      num_eval=int(config.bon.num_prompts), prompt_len=int(r.prompt_len),
@@ -53,10 +57,13 @@ def rl_config(config, name: str, policy_dir: pathlib.Path, gold_dir: pathlib.Pat
   c.rl.update(dict(group_size=int(r.group_size), max_new_tokens=int(config.data.max_new_tokens),
                    temperature=float(config.data.temperature), epochs=int(r.epochs), minibatches=int(r.minibatches)))
   c.objective = ml_collections.ConfigDict({
-      'reward': f'{"mean" if name in (SINGLE, WARM) else name},kl_penalty', 'kl_penalty': {'beta': 0.0},
+      'reward': {SINGLE: 'mean', WARM: 'mean', LOG_SIGMOID: 'mean,log_sigmoid'}.get(name, name) + ',kl_penalty',
+      'kl_penalty': {'beta': 0.0},
       'advantage': 'rloo', 'rloo': {'group_size': int(r.group_size)}, 'loss': 'ppo_clip'})
-  if name not in (SINGLE, WARM) and name in config:
+  if name not in ONE_MODEL and name in config:
     c.objective[name] = config[name].to_dict()
+  if name == LOG_SIGMOID:
+    c.objective.log_sigmoid = {'ref': 'quantile', 'q': float(config.log_sigmoid.q)}
   c.optim = config_lib.optim(lr=float(r.lr), warmup_steps=0, schedule='constant', weight_decay=0.0)
   c.train = config_lib.train(int(r.iterations), log_every=int(r.eval_every), eval_every=int(r.eval_every),
                              checkpoint_every=int(r.eval_every))
@@ -88,12 +95,13 @@ def validate(config) -> None:
 def run(config, folder: pathlib.Path, name: str, dirs: dict, reward_fn, gold, ensemble: str | None) -> list[dict]:
   """Stage `rl_<name>`: trains (or resumes) the population in `folder`; returns its curves.
 
-  dirs: the `policy`, `gold` and `reward` (`rl_config`) stage folders. reward_fn(name, members [K, P, N]) ->
+  dirs: the `policy`, `gold` and `reward` stage folders and, for `log_sigmoid`, `ref_samples`
+  (`rl_config`). reward_fn(name, members [K, P, N]) ->
   the objective's reward `[P, N]` (as for best-of-n). gold: the `rm_world.Gold` (the trainer
   scores rollouts with its network part z; the curves add the fluency part). ensemble: the
   curves' `ensemble` field (None, 'finetune' or 'pretrain').
   """
-  c = rl_config(config, name, dirs['policy'], dirs['gold'], dirs['reward'])
+  c = rl_config(config, name, dirs['policy'], dirs['gold'], dirs['reward'], dirs.get('ref_samples'))
   population.run(c, str(folder))
   members = population.parse_members(c)
   group = int(config.rl.group_size)

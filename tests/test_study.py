@@ -100,8 +100,8 @@ def test_smoke_study_writes_results_plot_and_report(smoke):
     assert np.all(np.diff(c['proxy_reward']) >= -1e-9)  # the optimized reward rises with n
     assert np.all(np.asarray(c['kl_plugin']) <= np.asarray(c['kl']) + 1e-9)  # the bound bounds it
   # RL: one curve per (objective, seed, KL coefficient), read at iterations 0, 2, 4.
-  assert sorted((c['method'], c['kl_coef']) for c in rl) == [('uwo', 0.0), ('uwo', 0.05), ('warm', 0.0),
-                                                              ('warm', 0.05)]
+  assert sorted((c['method'], c['kl_coef']) for c in rl) == [
+      ('log_sigmoid', 0.0), ('log_sigmoid', 0.05), ('uwo', 0.0), ('uwo', 0.05), ('warm', 0.0), ('warm', 0.05)]
   for c in rl:
     assert c['step'] == [0, 2, 4] and c['seed'] == 0
     assert len(c['kl']) == len(c['proxy_reward']) == len(c['gold_reward']) == len(c['length']) == 3
@@ -127,9 +127,9 @@ def test_smoke_study_rerun_with_redo_skips_upstream_and_reruns_downstream(smoke)
   out = subprocess.run(CMD + [f'--workdir={workdir}', '--redo=bon'], cwd=ROOT, capture_output=True,
                        text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
-  # policy, gold, pairs, proxies, warm, backbones, proxies_pretrain and the RL and DPO stages (which do
-  # not read best-of-n) are reused
-  assert out.stdout.count('skipped') == 10 and '[bon] running' in out.stdout and '[report] running' in out.stdout
+  # policy, gold, pairs, proxies, warm, backbones, proxies_pretrain, ref_rewards and the RL and DPO stages
+  # (which do not read best-of-n) are reused
+  assert out.stdout.count('skipped') == 12 and '[bon] running' in out.stdout and '[report] running' in out.stdout
   assert '[rl_uwo] done before' in out.stdout and '[bon_warm] running' in out.stdout
   assert '[bon_pretrain] running' in out.stdout
 
@@ -159,6 +159,16 @@ def test_smoke_study_pretrain_members_start_from_different_pretrained_backbones(
   other, _ = checkpoint.load(backbones / 'seed_1' / 'checkpoints')
   embed = lambda state: np.asarray(state['params']['backbone']['embed']['embedding'])
   assert embed(lm).shape == embed(other).shape and not np.allclose(embed(lm), embed(other))
+
+
+@pytest.mark.slow
+def test_smoke_study_log_sigmoid_reference_is_the_single_proxys_base_policy_rewards(smoke):
+  workdir, _ = smoke
+  (folder,) = list((workdir / 'ref_rewards').iterdir())
+  ref = np.load(folder / 'ref_samples.npy')
+  assert ref.shape == (64 + 8, 8)  # world.num_prompts + bon.num_prompts prompt ids, log_sigmoid.ref_samples each
+  # normalized on base-policy samples, so about mean 0 and std 1 (8 x 72 samples here)
+  assert abs(ref.mean()) < 0.5 and 0.5 < ref.std() < 2.0
 
 
 def _leaves(tree, prefix=''):

@@ -47,6 +47,9 @@ def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
   c.objectives = ('single', 'mean', 'wco', 'uwo')
   c.uwo = ml_collections.ConfigDict(dict(lam=0.5))
   c.mean_minus_std = ml_collections.ConfigDict(dict(k=1.0))
+  # log σ(r̃ − r_ref(x)) on the single proxy (Wang et al. 2024), RL only: r_ref(x) is the q-quantile
+  # of the proxy's rewards of `ref_samples` base-policy samples of prompt x.
+  c.log_sigmoid = ml_collections.ConfigDict(dict(q=0.5, ref_samples=8))
 
   # 5. Best-of-n: N samples per held-out prompt drawn once; curves for n = 1, 2, 4, ..., n_max.
   c.bon = ml_collections.ConfigDict(dict(num_prompts=64, samples=256, n_max=256, batch=512))
@@ -74,13 +77,13 @@ def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
     c.proxy.eval_batch_size = 32
     c.bon = ml_collections.ConfigDict(dict(num_prompts=8, samples=32, n_max=16, batch=128))
     c.objectives = ('single', 'mean', 'wco', 'uwo', 'warm')
-    c.rl.update(dict(objectives=('warm', 'uwo'), seeds=1, iterations=4, eval_every=2, prompts_per_iteration=4,
+    c.rl.update(dict(objectives=('warm', 'log_sigmoid', 'uwo'), seeds=1, iterations=4, eval_every=2, prompts_per_iteration=4,
                      group_size=2, prompt_len=32, progress=False))
     c.dpo.update(dict(betas=(0.1,), seeds=1, steps=4, eval_every=2, batch_size=16, progress=False))
     c.pretrain.update(dict(members=2, objectives=('mean',)))
   elif arg == 'medium':
     c.objectives = ('single', 'mean', 'wco', 'uwo', 'mean_minus_std', 'median', 'warm')
-    c.rl.objectives = ('single', 'mean', 'wco', 'uwo', 'mean_minus_std', 'warm')
+    c.rl.objectives = ('single', 'mean', 'wco', 'uwo', 'mean_minus_std', 'warm', 'log_sigmoid')
     c.dpo.betas = (0.05, 0.1, 0.5)
     c.pretrain.update(dict(members=4, objectives=('mean', 'wco', 'uwo', 'mean_minus_std'), rl_objectives=('mean', 'uwo')))
     c.bon.num_prompts = 128

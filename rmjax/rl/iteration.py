@@ -81,11 +81,14 @@ class Frozen(NamedTuple):
   reward_params: the proxy scorer's params.
   stats: per-member `RewardStats` of the proxy (used by aggregations), or None.
   gold_params: the gold scorer's params, or None when no gold scorer is configured.
+  ref_samples: `[P_all, N]` rewards of N reference-policy samples per prompt id, for reward
+    transforms against a per-prompt reference (`log_sigmoid`, `par` with ref='quantile'), or None.
   """
   ref_params: Any
   reward_params: Any
   stats: RewardStats | None = None
   gold_params: Any = None
+  ref_samples: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -356,7 +359,7 @@ def make_functions(policy_config: ModelConfig, objective_section: Any, settings:
       raise ValueError(f'rl iteration: the scorer must return [K, B] = (K, {tokens.shape[0]}) scores; '
                        f'got {scores.shape}.')
     prompt_ids = batch.get('prompt_ids')
-    ctx = RewardContext(stats=frozen.stats, logp=old_logp, ref_logp=ref_logp, mask=m,
+    ctx = RewardContext(stats=frozen.stats, logp=old_logp, ref_logp=ref_logp, mask=m, ref_samples=frozen.ref_samples,
                         prompt_ids=None if prompt_ids is None else jnp.repeat(prompt_ids, s.group_size))
     shaped, reward_state = objective.apply_reward(scores, state.reward_state, ctx)
     rewards, finished = place_rewards(shaped, resp, rmask, s.eos_id, s.missing_eos_penalty)

@@ -33,7 +33,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from rmjax import config as config_lib
@@ -211,8 +210,7 @@ def run(config, workdir: str) -> dict:
     ref = jax.jit(lambda: trainer.initial_policy(setup, members[0].seed))()
   else:
     ref = setup.base_params if not fresh else jax.jit(jax.vmap(lambda s: trainer.initial_policy(setup, s)))(seeds)
-  frozen = it.Frozen(ref_params=ref, reward_params=setup.reward_params, stats=setup.stats,
-                     gold_params=setup.gold_params)
+  frozen = trainer.frozen_models(setup, ref)
   iteration, evaluate = make_population_functions(
       setup.policy_cfg, config.objective, setup.settings, setup.scorer, optimizer, value_config=setup.value_cfg,
       gold_scorer=setup.gold_scorer, ref_axis=0 if fresh else None)

@@ -230,8 +230,7 @@ def run(config, workdir: str) -> list[dict]:
     setup_config = ml_collections.ConfigDict(config.to_dict())
     setup_config.policy.path = _paths(config.score.policies)[0]
     setup = trainer.build(setup_config)
-    frozen = it.Frozen(ref_params=None, reward_params=setup.reward_params, stats=setup.stats,
-                       gold_params=setup.gold_params)
+    frozen = trainer.frozen_models(setup, None)
     rows += score_policies(config, setup, frozen)
   if config.score.rollouts:
     rows += score_rollouts(config, workdir)

@@ -208,6 +208,7 @@ class Setup(NamedTuple):
   reward_params: Any
   stats: objectives.RewardStats | None
   gold_params: Any
+  ref_samples: np.ndarray | None
   batches: PromptBatches
   held_out: dict[str, np.ndarray]
   mesh: Any
@@ -239,10 +240,33 @@ def build(config) -> Setup:
       tok=tok, policy_cfg=policy_cfg, base_params=base_params,
       value_cfg=policy_cfg if it.uses_value(config.objective) else None, settings=settings(config, tok),
       scorer=scorer, gold_scorer=gold_scorer, reward_params=reward_params, stats=stats, gold_params=gold_params,
+      ref_samples=load_ref_samples(config.reward.get('ref_samples', ''), len(texts)),
       batches=PromptBatches(tokens[:n_train], mask[:n_train], int(config.data.prompts_per_iteration)),
       held_out=dict(prompt_tokens=tokens[n_train:], prompt_mask=mask[n_train:],
                     prompt_ids=np.arange(n_train, len(texts), dtype=np.int32)),
       mesh=mesh)
+
+
+def load_ref_samples(path: str, num_prompts: int) -> np.ndarray | None:
+  """`[P_all, N]` float32 reference rewards from the `.npy` file at `path` (row i: prompt id i,
+  training prompts then held-out ones), or None for ''."""
+  if not path:
+    return None
+  try:
+    samples = np.load(path).astype(np.float32)
+  except OSError as e:
+    raise config_lib.ConfigError(f'config.reward.ref_samples={path!r}: cannot read it ({e}).') from None
+  if samples.ndim != 2 or samples.shape[0] != num_prompts:
+    raise config_lib.ConfigError(f'config.reward.ref_samples={path!r}: expected [{num_prompts}, N] (one row per '
+                                 f'prompt id: data.num_prompts + data.num_eval), found {list(samples.shape)}.')
+  return samples
+
+
+def frozen_models(setup: Setup, ref_params) -> it.Frozen:
+  """The iteration's frozen arrays: `ref_params` as the reference, the setup's reward and gold."""
+  return it.Frozen(ref_params=ref_params, reward_params=setup.reward_params, stats=setup.stats,
+                   gold_params=setup.gold_params,
+                   ref_samples=None if setup.ref_samples is None else jnp.asarray(setup.ref_samples))
 
 
 def total_updates(config) -> int:
@@ -294,9 +318,10 @@ def place_frozen(frozen: it.Frozen, mesh) -> it.Frozen:
   """The frozen models on `mesh`: reference, reward and gold params sharded like a policy's
   (by logical axes), the normalization statistics replicated."""
   place = lambda p: state_lib.place_params(p, mesh) if jax.tree.leaves(p) else p
-  stats = None if frozen.stats is None else jax.device_put(frozen.stats, parallel.replicated(mesh))
-  return it.Frozen(ref_params=place(frozen.ref_params), reward_params=place(frozen.reward_params), stats=stats,
-                   gold_params=None if frozen.gold_params is None else place(frozen.gold_params))
+  replicate = lambda x: None if x is None else jax.device_put(x, parallel.replicated(mesh))
+  return it.Frozen(ref_params=place(frozen.ref_params), reward_params=place(frozen.reward_params),
+                   stats=replicate(frozen.stats), gold_params=None if frozen.gold_params is None else
+                   place(frozen.gold_params), ref_samples=replicate(frozen.ref_samples))
 
 
 def run(config, workdir: str) -> dict:
@@ -314,8 +339,7 @@ def run(config, workdir: str) -> dict:
   objective = objectives.build(config.objective)
   fns = it.make_functions(setup.policy_cfg, config.objective, setup.settings, setup.scorer, optimizer,
                           value_config=setup.value_cfg, gold_scorer=setup.gold_scorer)
-  frozen = place_frozen(it.Frozen(ref_params=policy_params, reward_params=setup.reward_params, stats=setup.stats,
-                                  gold_params=setup.gold_params), setup.mesh)
+  frozen = place_frozen(frozen_models(setup, policy_params), setup.mesh)
   init = lambda: init_run_state(setup, policy_params, optimizer, objective, seed)
   abstract = jax.eval_shape(init)
   shardings = state_lib.state_shardings(abstract, optimizer, setup.mesh)
@@ -360,7 +384,7 @@ def base_config(advantage: str, arg: str):
   c.job = 'rmjax.rl.trainer:run'
   c.seed = 0
   c.policy = ml_collections.ConfigDict(dict(path='', model=config_lib.model('tiny')))
-  c.reward = ml_collections.ConfigDict(dict(path='', members='', toy_token=ord('e') + 3, seq_len=0))
+  c.reward = ml_collections.ConfigDict(dict(path='', members='', toy_token=ord('e') + 3, seq_len=0, ref_samples=''))
   c.gold = ml_collections.ConfigDict(dict(path='', seq_len=0))
   c.data = ml_collections.ConfigDict(dict(seed=0, num_prompts=256, num_eval=16, prompt_len=24,
                                           prompts_per_iteration=16))

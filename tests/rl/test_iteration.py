@@ -208,3 +208,21 @@ def test_bad_settings_and_objectives_raise():
   with pytest.raises(ValueError, match='value_config'):
     it.make_functions(TINY, dict(reward='mean', advantage='gae', loss='ppo_clip,value'), it.Settings(),
                       count_scorer, optax.sgd(1.0))
+
+
+def test_log_sigmoid_reads_the_per_prompt_reference_rewards_of_frozen(policy_params):
+  # log σ(r − r_ref(x)) with r_ref(x) the median of Frozen.ref_samples[prompt id], by hand from the
+  # rollout's scores: the reference rewards reach the transform through the iteration.
+  section = dict(reward='mean,log_sigmoid', log_sigmoid=dict(ref='quantile', q=0.5), advantage='rloo',
+                 rloo=dict(group_size=GROUP), loss='ppo_clip')
+  optimizer = optax.sgd(0.0)
+  fns = it.make_functions(TINY, section, SETTINGS, count_scorer, optimizer)
+  state, frozen = _start(policy_params, section, optimizer)
+  ref_samples = np.random.default_rng(0).normal(2.0, 1.0, size=(12, 5)).astype(np.float32)
+  batch = dict(left_padded_prompts(), prompt_ids=jnp.arange(3, 11, dtype=jnp.int32))
+  metrics, samples = jax.jit(fns.evaluate)(state, frozen._replace(ref_samples=jnp.asarray(ref_samples)), batch,
+                                           jax.random.key(5))
+  r = np.asarray(samples.scores[0], np.float64)
+  r_ref = np.median(ref_samples[np.repeat(np.arange(3, 11), GROUP)], axis=-1)
+  want = np.mean(-np.logaddexp(0.0, r_ref - r))  # −softplus(r_ref − r), summed over a response's tokens
+  np.testing.assert_allclose(float(metrics['reward/transformed']), want, rtol=1e-5, atol=1e-6)

@@ -84,3 +84,14 @@ def test_select_members_scores_exactly_the_chosen_members(kind):
   for bad in ('3', '0,0', 'a'):
     with pytest.raises(config_lib.ConfigError, match='config.reward.members'):
       trainer.select_members(rm, params, stats, bad)
+
+
+def test_ref_samples_file_must_hold_one_row_per_prompt_id(tmp_path):
+  from rmjax import config as config_lib
+  path = tmp_path / 'ref.npy'
+  np.save(path, np.zeros((5, 3)))
+  assert trainer.load_ref_samples(str(path), 5).shape == (5, 3) and trainer.load_ref_samples('', 5) is None
+  with pytest.raises(config_lib.ConfigError, match=r'config.reward.ref_samples=.*expected \[6, N\].*found \[5, 3\]'):
+    trainer.load_ref_samples(str(path), 6)
+  with pytest.raises(config_lib.ConfigError, match='config.reward.ref_samples=.*cannot read'):
+    trainer.load_ref_samples(str(tmp_path / 'missing.npy'), 6)
