@@ -3,7 +3,8 @@
 `python -m rmjax.main --config=configs/study/overoptimization.py:default --workdir=DIR [--redo=STAGE]`
 
 Variants: `smoke` (under two minutes, for the tests), `default` (the core comparison on a
-laptop CPU), `medium` (more prompts and samples).
+laptop CPU), `medium` (the full method set: WARM, pretrain-seed ensembles, `mean_minus_std`,
+`log_sigmoid`, DPO; more prompts and samples; 5 RL seeds).
 """
 import ml_collections
 
@@ -86,7 +87,7 @@ def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
     c.rl.objectives = ('single', 'mean', 'wco', 'uwo', 'mean_minus_std', 'warm', 'log_sigmoid')
     c.dpo.betas = (0.05, 0.1, 0.5)
     c.pretrain.update(dict(members=4, objectives=('mean', 'wco', 'uwo', 'mean_minus_std'), rl_objectives=('mean', 'uwo')))
-    c.bon.num_prompts = 128
-    c.bon.samples = 1024
-    c.bon.n_max = 512
+    c.bon.update(dict(num_prompts=128, samples=512, n_max=512))
+    c.rl.seeds = 5
+    c.dpo.seeds = 3
   return c
