@@ -1,6 +1,5 @@
 """configs/sft.py end to end on a local text file: trains, checkpoints, describes itself."""
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -10,8 +9,6 @@ import numpy as np
 from rmjax.train import checkpoint
 
 ROOT = pathlib.Path(__file__).parent.parent
-ENV = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(ROOT / '.jax_cache'),
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.2', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
 
 
 def test_sft_on_local_text_files(tmp_path):
@@ -19,7 +16,7 @@ def test_sft_on_local_text_files(tmp_path):
   corpus.write_text('\n'.join(f'the cat number {i} sat on the mat.' for i in range(64)) + '\n')
   out = subprocess.run([sys.executable, '-m', 'rmjax.main', '--config=configs/sft.py:test', f'--workdir={tmp_path}/w',
                         '--config.data.source=files', f'--config.data.files={corpus}', '--config.train.progress=False'],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   state, meta = checkpoint.load(tmp_path / 'w' / 'checkpoints')
   assert meta['final'] and meta['kind'] == 'causal_lm' and meta['model']['vocab_size'] == 259

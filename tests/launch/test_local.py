@@ -12,8 +12,6 @@ import pytest
 
 ROOT = pathlib.Path(__file__).parent.parent.parent
 # The subprocesses share the tests' persistent compilation cache (tests/conftest.py).
-ENV = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(ROOT / '.jax_cache'),
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.2', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
 RUNNER = [sys.executable, '-m', 'launch.local']
 
 
@@ -51,7 +49,7 @@ def test_bad_override_stops_before_any_point_runs(tmp_path):
 def test_a_failing_point_is_reported_and_the_others_finish(tmp_path):
   config, workdir = _toy_sweep(tmp_path), tmp_path / 'sweep'
   cmd = RUNNER + [f'--config={config}', f'--workdir={workdir}', '--parallel=2']
-  out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert out.returncode == 1
   bad = 'fail=True,x=2.0'
   assert f'point {bad} failed' in out.stderr and 'toy failure at x=2.0' in out.stderr
@@ -65,7 +63,7 @@ def test_a_failing_point_is_reported_and_the_others_finish(tmp_path):
   assert table[0] == '| point | fail | x | status | y |' and len(table) == 5
   assert '| fail=False,x=1.0 | False | 1.0 | done | 1 |' in table
   # A second run starts only the failed point again.
-  out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert out.returncode == 1
   assert [_starts(workdir, n) for n in ('fail=False,x=1.0', bad, 'fail=False,x=3.0')] == [1, 2, 1]
 
@@ -74,7 +72,7 @@ def test_fixed_overrides_apply_to_every_point_and_metrics_fall_back_to_the_metri
   config, workdir = _toy_sweep(tmp_path), tmp_path / 'sweep'
   config.write_text(config.read_text().replace('(False, True, False)', '(False, False, False)'))
   out = subprocess.run(RUNNER + [f'--config={config}', f'--workdir={workdir}', '--parallel=3',
-                                 '--config.metrics_only=True'], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                                 '--config.metrics_only=True'], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
   assert out.returncode == 0, out.stderr[-3000:]
   assert sorted(r['metrics']['y'] for r in _records(workdir).values()) == [1.0, 8.0, 27.0]
@@ -90,7 +88,7 @@ def test_sweep_killed_and_restarted_finishes_without_redoing_points(tmp_path):
                     '  return sweep.axis("x", (1.0, 2.0, 3.0, 4.0))\n')
   workdir = tmp_path / 'sweep'
   cmd = RUNNER + [f'--config={config}', f'--workdir={workdir}', '--parallel=2', '--config.train.steps=30']
-  runner = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  runner = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 120
   started = set()
   while time.time() < deadline and runner.poll() is None:
@@ -123,7 +121,7 @@ def test_sweep_killed_and_restarted_finishes_without_redoing_points(tmp_path):
   assert started & interrupted, 'no point with a checkpoint was interrupted'
   done_times = {n: (workdir / n / 'result.json').stat().st_mtime_ns for n in finished}
 
-  out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr[-3000:]
   records = _records(workdir)
   assert len(records) == 4 and all(r['status'] == 'done' for r in records.values())

@@ -12,9 +12,7 @@ import pytest
 
 SCRIPT = pathlib.Path(__file__).with_name('multiprocess_checks.py')
 ROOT = pathlib.Path(__file__).parent.parent.parent
-ENV = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(ROOT / '.jax_cache'),
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.2', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
-           JAX_PLATFORMS='cpu')
+ENV = dict(os.environ, JAX_PLATFORMS='cpu')
 
 
 def _free_port():

@@ -1,9 +1,5 @@
-"""Shared tiny policy, prompts and a toy reward for the RL tests; the reward-model job's workdir."""
-import os
-import pathlib
-import subprocess
-import sys
-
+"""Shared tiny policy, prompts and a toy reward for the RL tests (the reward-model job's workdir,
+`world`, is in tests/conftest.py)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,20 +34,3 @@ def left_padded_prompts(num: int = 8, width: int = 5, seed: int = 0) -> dict:
 @pytest.fixture(scope='module')
 def policy_params():
   return jax.jit(transformer.init_lm, static_argnums=1)(jax.random.key(0), TINY)
-
-
-@pytest.fixture(scope='session')
-def world(tmp_path_factory):
-  """A workdir of `python -m rmjax.main --config=configs/rm.py:test`, run once per session: base policy
-  in `W/policy/checkpoints`, reward-model ensemble (K = 2) in `W/rm/checkpoints`, gold in `W/gold`,
-  preference pairs in `W/data`."""
-  root = pathlib.Path(__file__).parent.parent.parent
-  workdir = tmp_path_factory.mktemp('rm_world')
-  # The subprocess shares the tests' persistent compilation cache (tests/conftest.py).
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(root / '.jax_cache'),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.2', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
-  cmd = [sys.executable, '-m', 'rmjax.main', '--config=configs/rm.py:test', f'--workdir={workdir}',
-         '--config.train.progress=False', '--config.world.policy.train.progress=False']
-  out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-4000:]
-  return workdir
