@@ -106,7 +106,8 @@ def _rm_config(config, members: int | None = None) -> ml_collections.ConfigDict:
   p = config.proxy
   return ml_collections.ConfigDict(dict(
       seed=config.seed, world=config.world, data=config.data, model=p.model,
-      ensemble=dict(kind='full', members=p.members if members is None else members, bootstrap=False), loss=p.loss, optim=p.optim, train=p.train,
+      ensemble=dict(kind='full', members=p.members if members is None else members, bootstrap=False),
+      loss=p.loss, optim=p.optim, train=p.train,
       eval=dict(batch_size=p.eval_batch_size, aggregate='mean'), mesh=config.mesh))
 
 

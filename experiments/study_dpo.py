@@ -80,7 +80,7 @@ def run(config, folder: pathlib.Path, dirs: dict, reward_fn, gold) -> list[dict]
   for i, (seed, beta) in enumerate(members(config)):
     member = folder / 'members' / str(i)
     dpo_lib.run(dpo_config(config, seed, beta, dirs['policy'], dirs['pairs']), str(member / 'train'))
-    steps = checkpoint.Checkpointer(member / 'train' / 'checkpoints', max_to_keep=1).all_steps()
+    steps = checkpoint.saved_steps(member / 'train' / 'checkpoints')
     if not (member / 'metrics.jsonl').exists():  # scored once; a killed scoring starts over
       scoring = member / 'scoring'
       shutil.rmtree(scoring, ignore_errors=True)

@@ -46,6 +46,11 @@ def _agreement(ev: dict) -> str:
   return f'{ev["eval/gold_accuracy"]:.3f}' + (f' (members {", ".join(members)})' if members else '')
 
 
+def _form(fit: dict) -> str:
+  """', bon form' when a fit names the form it chose (DPO), else ''."""
+  return f', {fit["form"]} form' if 'form' in fit else ''
+
+
 def _fmt_ci(mean: float, lo: float, hi: float) -> str:
   return f'{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]'
 
@@ -99,7 +104,7 @@ def seed_groups(curves: list[dict]) -> list[dict]:
 
 def _rl_table(groups: list[dict]) -> list[str]:
   rows = ['| method | KL coef | seeds | peak gold | KL at peak | final KL | final gold [95% CI over seeds] | '
-          'final proxy | final length | grammatical | fit α, β (R²) |', '|---|---|---|---|---|---|---|---|---|---|---|']
+          'final proxy | final length | grammatical | fit α, β (R²) |', '|---' * 11 + '|']
   for g in groups:
     gold = np.asarray(g['gold_reward'])
     i = int(np.argmax(gold))
@@ -108,7 +113,7 @@ def _rl_table(groups: list[dict]) -> list[str]:
     rows.append(f'| {_name(g)} | {g["kl_coef"]:g} | {len(g["seeds"])} | {gold[i]:+.3f} | {g["kl"][i]:.2f} | '
                 f'{g["kl"][-1]:.2f} | {_fmt_ci(gold[-1], lo, hi)} | {g["proxy_reward"][-1]:+.3f} | '
                 f'{g["length"][-1]:.1f} | {g["grammatical"][0]:.2f} → {g["grammatical"][-1]:.2f} | '
-                f'{f["alpha"]:.3f}, {f["beta"]:.3f} ({f["r2"]:.2f}{", " + f["form"] + " form" if "form" in f else ""}) |')
+                f'{f["alpha"]:.3f}, {f["beta"]:.3f} ({f["r2"]:.2f}{_form(f)}) |')
   return rows
 
 

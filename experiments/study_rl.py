@@ -3,10 +3,11 @@
 For objective `name` (`experiments/overoptimization.py`), `rl_config` makes the config of the
 RL trainer (`rmjax.rl.trainer`, run as a vmapped population by `rmjax.rl.population`): the base
 policy as the initial policy and frozen reference, the proxies' checkpoint as the reward (member
-0 alone for `single`, the weight-averaged model for `warm`, the objective's aggregation of every
-normalized member otherwise) with a per-token KL penalty β·(log π − log π_ref) in the reward,
-the gold's network as the gold scorer (the curves add its fluency part), and population members `rl.seeds` seeds × `rl.kl_coefs` values of β. Training prompts are the
-world's prompts; the held-out prompts are those of best-of-n (the next `bon.num_prompts` of the
+0 alone for `single`; member 0 through log σ(r̃ − r_ref(x)) for `log_sigmoid`; the weight-averaged
+model for `warm`; the objective's aggregation of every normalized member otherwise) with a
+per-token KL penalty β·(log π − log π_ref) in the reward, the gold's network as the gold scorer
+(the curves add its fluency part), and population members `rl.seeds` seeds × `rl.kl_coefs`
+values of β. Training prompts are the world's prompts; the held-out prompts are those of best-of-n (the next `bon.num_prompts` of the
 grammar). Every `rl.eval_every` iterations, starting at iteration 0 (the base policy), each
 member checkpoints, evaluates on the held-out prompts and writes its rollouts.
 

@@ -25,8 +25,8 @@ from hypothesis import settings  # noqa: E402
 
 # Also in this process, should jax have been imported before the environment was set.
 jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
-jax.config.update('jax_persistent_cache_min_compile_time_secs', float(os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']))
-jax.config.update('jax_persistent_cache_min_entry_size_bytes', int(os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES']))
+for _name, _cast in (('min_compile_time_secs', float), ('min_entry_size_bytes', int)):
+  jax.config.update(f'jax_persistent_cache_{_name}', _cast(os.environ[f'JAX_PERSISTENT_CACHE_{_name.upper()}']))
 
 settings.register_profile('rmjax', max_examples=30, deadline=None, derandomize=True)
 settings.load_profile('rmjax')

@@ -78,15 +78,16 @@ def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
     c.proxy.eval_batch_size = 32
     c.bon = ml_collections.ConfigDict(dict(num_prompts=8, samples=32, n_max=16, batch=128))
     c.objectives = ('single', 'mean', 'wco', 'uwo', 'warm')
-    c.rl.update(dict(objectives=('warm', 'log_sigmoid', 'uwo'), seeds=1, iterations=4, eval_every=2, prompts_per_iteration=4,
-                     group_size=2, prompt_len=32, progress=False))
+    c.rl.update(dict(objectives=('warm', 'log_sigmoid', 'uwo'), seeds=1, iterations=4, eval_every=2,
+                     prompts_per_iteration=4, group_size=2, prompt_len=32, progress=False))
     c.dpo.update(dict(betas=(0.1,), seeds=1, steps=4, eval_every=2, batch_size=16, progress=False))
     c.pretrain.update(dict(members=2, objectives=('mean',)))
   elif arg == 'medium':
     c.objectives = ('single', 'mean', 'wco', 'uwo', 'mean_minus_std', 'median', 'warm')
     c.rl.objectives = ('single', 'mean', 'wco', 'uwo', 'mean_minus_std', 'warm', 'log_sigmoid')
     c.dpo.betas = (0.05, 0.1, 0.5)
-    c.pretrain.update(dict(members=4, objectives=('mean', 'wco', 'uwo', 'mean_minus_std'), rl_objectives=('mean', 'uwo')))
+    c.pretrain.update(dict(members=4, objectives=('mean', 'wco', 'uwo', 'mean_minus_std'),
+                           rl_objectives=('mean', 'uwo')))
     c.bon.update(dict(num_prompts=128, samples=512, n_max=512))
     c.rl.seeds = 5
     c.dpo.seeds = 3

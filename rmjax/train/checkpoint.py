@@ -130,6 +130,11 @@ def _finalized_steps(directory: pathlib.Path) -> list[int]:
   return sorted(ocp.step.checkpoint_steps(directory))
 
 
+def saved_steps(directory: str | os.PathLike) -> list[int]:
+  """The finalized steps of a checkpoint folder (a `Checkpointer`'s directory), ascending."""
+  return _finalized_steps(pathlib.Path(directory))
+
+
 def _first_restorable(directory: pathlib.Path, steps: Sequence[int], restore_fn) -> tuple[Any, int, list[int]]:
   """Calls `restore_fn(step)` on `steps` from newest to oldest until one succeeds.
 

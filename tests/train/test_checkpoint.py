@@ -113,7 +113,7 @@ def test_keep_n_and_step_order(tmp_path):
   for step in (1, 2, 3, 4):
     assert ckpt.save(step, _state(step), _metadata(step))
   ckpt.wait()
-  assert ckpt.all_steps() == [3, 4]
+  assert ckpt.all_steps() == [3, 4] == ckpt_lib.saved_steps(tmp_path)
   assert ckpt.latest_step() == 4
   assert sorted(p.name for p in tmp_path.iterdir()) == ['3', '4']
   # Not newer than the latest readable step: skipped unless forced; forcing replaces the steps >= it.
