@@ -8,6 +8,9 @@ Models, each from a self-describing checkpoint given by path (`rmjax.train.check
                          (e.g. '0': one member of an ensemble as a single proxy); '' = the toy
                          reward "count of token `config.reward.toy_token`" (smoke runs, tests).
   config.gold.path       an optional gold reward model ('' = none).
+  config.reward.ref_samples  an optional `.npy` of `[num_prompts + num_eval, N]` reference
+                         rewards per prompt id, for transforms against r_ref(x) (`log_sigmoid`,
+                         `par` with ref='quantile'; `load_ref_samples`).
 
 Prompts: `config.data.num_prompts` training and `config.data.num_eval` held-out prompts of the
 built-in synthetic language (`rmjax.data.Grammar`, seed `config.data.seed`), byte-tokenized and
