@@ -177,3 +177,22 @@ def _leaves(tree, prefix=''):
       yield from _leaves(v, f'{prefix}/{k}')
   else:
     yield prefix, np.asarray(tree)
+
+
+def test_rl_config_wires_each_objective_to_its_model_and_options(tmp_path):
+  # Every study option reaches the RL trainer's config (PITFALLS #3): a changed value changes it.
+  from configs.study import overoptimization as study_config
+  from experiments import study_rl
+  config = study_config.get_config('smoke')
+  config.log_sigmoid.q, config.uwo.lam = 0.25, 0.7
+  dirs = [tmp_path / name for name in ('policy', 'gold', 'reward')]
+  ls = study_rl.rl_config(config, 'log_sigmoid', *dirs, ref_samples=tmp_path / 'ref.npy')
+  assert ls.objective.reward == 'mean,log_sigmoid,kl_penalty'
+  assert ls.objective.log_sigmoid.to_dict() == {'ref': 'quantile', 'q': 0.25}
+  assert ls.reward.members == '0' and ls.reward.ref_samples == str(tmp_path / 'ref.npy')
+  uwo = study_rl.rl_config(config, 'uwo', *dirs)
+  assert uwo.objective.reward == 'uwo,kl_penalty' and uwo.objective.uwo.lam == 0.7
+  assert uwo.reward.members == '' and uwo.reward.ref_samples == ''
+  warm = study_rl.rl_config(config, 'warm', *dirs)
+  assert warm.objective.reward == 'mean,kl_penalty' and warm.reward.path == str(tmp_path / 'reward' / 'checkpoints')
+  assert warm.population.hparams.startswith('objective.kl_penalty.beta=')
