@@ -27,6 +27,10 @@ Stages (`experiments.pipeline`; each cached under `WORKDIR/<stage>/<key>/`):
            (`experiments/study_rl.py`)
   dpo      DPO on the training pairs at each β of `dpo.betas`, `dpo.seeds` seeds each, scored at
            its checkpoints like RL (`experiments/study_dpo.py`; none when `dpo.betas` is empty)
+  lm_<w>x<l>, proxy_<w>x<l>_n<n>, bon_<w>x<l>_n<n>  the proxy-size and data-size sweep (Gao et
+           al. 2022, Figs. 2-3): a language model of width w and l layers pretrained like the policy,
+           a single proxy on it trained on the first n training pairs, its best-of-n curve on the
+           study's samples (`_size_sweep`)
   report   `results.json`, PNG plots and `report.md`
 
 Rewards are reported relative to the base policy (R(0) = 0, `../shared/PITFALLS.md` #11), in
@@ -66,6 +70,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Check the study config before anything compiles."""
   C = config_lib
   rm_world.validate(_rm_config(config))
+  _validate_sizes(config)
   C.require_positive(config, 'proxy.members', 'bon.num_prompts', 'bon.samples', 'bon.n_max', 'bon.batch')
   if config.bon.n_max > config.bon.samples:
     raise C.ConfigError(f'config.bon.n_max={config.bon.n_max} exceeds bon.samples={config.bon.samples}: the '
@@ -100,13 +105,29 @@ def aggregation(config, name: str):
     raise config_lib.ConfigError(f'config.objectives: {e}') from e
 
 
-def _rm_config(config, members: int | None = None) -> ml_collections.ConfigDict:
-  """The study's proxy section in the layout of the reward-model job (`configs/rm.py`), for an
-  ensemble of `members` (default `proxy.members`)."""
-  p = config.proxy
+def _validate_sizes(config) -> None:
+  s, C = config.sizes, config_lib
+  if bool(s.models) != bool(s.num_train):
+    raise C.ConfigError(f'config.sizes: models={tuple(s.models)} and num_train={tuple(s.num_train)}: give both '
+                        '(the sweep is their product) or neither.')
+  for m in s.models:
+    if (not isinstance(m, (tuple, list)) or len(m) != 2 or not all(isinstance(v, int) and v > 0 for v in m)
+        or m[0] % 16):
+      raise C.ConfigError(f'config.sizes.models: {m!r} is not (width, layers) with the width a positive multiple '
+                          'of 16 (attention heads of 16 dimensions).')
+  for n in s.num_train:
+    if not isinstance(n, int) or not 0 < n <= config.data.num_train:
+      raise C.ConfigError(f'config.sizes.num_train: {n!r} is not a pair count in 1..data.num_train='
+                          f'{config.data.num_train} (each point trains on the first n training pairs).')
+
+
+def _rm_config(config, **proxy) -> ml_collections.ConfigDict:
+  """The study's proxy section, with fields replaced by `proxy` (members, model, train), in the
+  layout of the reward-model job (`configs/rm.py`)."""
+  p = ml_collections.ConfigDict(dict(config.proxy.to_dict(), **proxy))
   return ml_collections.ConfigDict(dict(
       seed=config.seed, world=config.world, data=config.data, model=p.model,
-      ensemble=dict(kind='full', members=p.members if members is None else members, bootstrap=False),
+      ensemble=dict(kind='full', members=p.members, bootstrap=False),
       loss=p.loss, optim=p.optim, train=p.train,
       eval=dict(batch_size=p.eval_batch_size, aggregate='mean'), mesh=config.mesh))
 
@@ -127,7 +148,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, redo: tuple[str, ...] =
   tfds.disable_progress_bar()
   workdir = pathlib.Path(workdir)
   rl_runs = _rl_runs(config)
-  pipe = Pipeline(workdir, redo=redo, known=(*STAGES, *(stage for stage, _, _ in rl_runs)))
+  pipe = Pipeline(workdir, redo=redo, known=(*STAGES, *(stage for stage, _, _ in rl_runs), *_size_stages(config)))
   mesh = parallel.mesh_from_config(config.mesh)
   prompts, tok = rm_world.world(config)
   rmc = _rm_config(config)
@@ -171,7 +192,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, redo: tuple[str, ...] =
         reads={'seed': config.seed, 'num_documents': w.num_documents, 'policy': w.policy, 'members': k},
         after=[policy_stage])
     reward_stages[PRETRAIN], (pre_params, pre_meta) = pipe.build(
-        'proxies_pretrain', lambda d: rm_world.train_reward_models(_rm_config(config, k), d, data, tok, mesh,
+        'proxies_pretrain', lambda d: rm_world.train_reward_models(_rm_config(config, members=k), d, data, tok, mesh,
                                                                    init_backbone=backbones),
         reads={'seed': config.seed, 'proxy': config.proxy}, after=[pairs_stage, backbones_stage],
         summary=lambda out: out[1]['eval'])
@@ -185,6 +206,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, redo: tuple[str, ...] =
       reads={'seed': config.seed, 'objectives': config.objectives, 'pretrain': config.pretrain,
              **{name: config[name] for name in config.objectives if name in config}},
       after=scored, summary=lambda out: out)
+  sweep = []
+  if config.sizes.models:
+    single = next(c for c in curves['curves'] if c['method'] == SINGLE)
+    k = int(config.proxy.members)
+    single = {**single, 'num_train': int(config.data.num_train), 'proxy_params': _param_count(proxy_params, k),
+              'agreement': proxy_meta['eval']['eval/gold_accuracy' + ('_0' if k > 1 else '')]}
+    sweep = _size_sweep(pipe, config, {'policy': policy_stage, 'pairs': pairs_stage, 'bon': bon_stage},
+                        policy_params, data, samples, tok, mesh, single)
   rl_reads = {'seed': config.seed, 'rl': {k: v for k, v in config.rl.items() if k != 'objectives'},
               'sampling': _sampling_fields(config.data), 'num_eval': config.bon.num_prompts}
   reward_fns = {source: (lambda name, scores, source=source: objective_reward(config, name, scores,
@@ -215,8 +244,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, redo: tuple[str, ...] =
                'eval': {'group_size': r.group_size, 'prompt_len': r.prompt_len, 'num_eval': config.bon.num_prompts}},
         after=[policy_stage, gold_stage, pairs_stage, proxies_stage], summary=lambda out: out)[0]]
   report_stage, _ = pipe.build(
-      'report', lambda d: study_report.write(config, workdir, pipe.stages),
-      reads={'seed': config.seed}, after=[curves_stage, *trained], summary=lambda out: out)
+      'report', lambda d: study_report.write(config, workdir, pipe.stages, sweep),
+      reads={'seed': config.seed}, after=[curves_stage, *trained, *(pipe.stages[n] for n in _size_stages(config)
+                                                                   if n in pipe.stages)],
+      summary=lambda out: out)
   print(f'report: {report_stage.result["report"]}')
   return report_stage.result
 
@@ -241,6 +272,83 @@ def _rl_runs(config) -> list[tuple[str, str, str]]:
   pretrain = config.pretrain.rl_objectives if config.pretrain.members else ()
   return [(f'rl_{n}' + ('_pretrain' if src == PRETRAIN else ''), n, src)
           for n, src in _with_sources(config.rl.objectives, pretrain)]
+
+
+def size_model(config, width: int, layers: int) -> ml_collections.ConfigDict:
+  """`proxy.model` at `width` x `layers` in `tiny`'s proportions: MLP width 4·⌈2·width/3⌉ (≈ 8/3 of
+  the width), attention heads of 16 dimensions, two query heads per KV head. (64, 2) is `tiny`."""
+  heads = width // 16
+  return ml_collections.ConfigDict(dict(config.proxy.model.to_dict(), width=width, mlp_width=4 * -(-2 * width // 3),
+                                        num_layers=layers, num_heads=heads, num_kv_heads=max(1, heads // 2)))
+
+
+def _size_stages(config) -> list[str]:
+  """The names of the sweep's stages (those it may run; the point the study already has runs none)."""
+  names = [f'{w}x{n_layers}' for w, n_layers in config.sizes.models]
+  return [f'lm_{m}' for m in names] + [f'{stage}_{m}_n{n}' for m in names for n in config.sizes.num_train
+                                       for stage in ('proxy', 'bon')]
+
+
+def _param_count(params, members: int) -> int:
+  """Parameters of one member of a stacked reward-model ensemble."""
+  return sum(int(np.size(x)) for x in jax.tree.leaves(params)) // members
+
+
+def _size_sweep(pipe: Pipeline, config, after: dict, policy_params, data, samples: dict, tok, mesh,
+                single: dict) -> list[dict]:
+  """The proxy-size and data-size sweep (Gao et al. 2022, Figs. 2-3). For each (width, layers) of
+  `sizes.models`, stage `lm_<w>x<l>` pretrains a language model of that size like the policy (same
+  world, documents, settings and seed; the policy itself at its own size). For each n of
+  `sizes.num_train`, stage `proxy_<w>x<l>_n<n>` trains a single proxy on that backbone on the first
+  n training pairs for `proxy.train.steps` · n / `data.num_train` steps (as many passes over its
+  pairs as the study's proxies make), and stage `bon_<w>x<l>_n<n>` scores the best-of-n samples with
+  it for its curve. The point at the proxy's own size with all pairs is the study's single proxy
+  (`single`: its curve), so it runs no stage.
+
+  Returns the curves, each with `proxy_size` ('<w>x<l>'), `proxy_params`, `num_train`, `agreement`.
+  """
+  vocab = {'vocab_size': tok.vocab_size}
+  own = config_lib.model_config(config.proxy.model, **vocab)
+  w = config.world
+  out = []
+  for width, layers in config.sizes.models:
+    name, model = f'{width}x{layers}', size_model(config, width, layers)
+    shape = config_lib.model_config(model, **vocab)
+    if shape == config_lib.model_config(w.policy.model, **vocab):
+      lm_stage, backbone = after['policy'], policy_params['backbone']
+    else:
+      lm = ml_collections.ConfigDict(dict(w.policy.to_dict(), model=model.to_dict()))
+      corpus = lambda d: sft.grammar_corpus(d, int(config.seed), int(w.num_documents)).as_data_source('train')
+      lm_stage, (lm_params, _) = pipe.build(
+          f'lm_{name}', lambda d, lm=lm: sft.pretrain(lm, d, corpus(d), tok, mesh, config),
+          reads={'seed': config.seed, 'num_documents': w.num_documents, 'policy': lm})
+      backbone = lm_params['backbone']
+    for n in config.sizes.num_train:
+      if shape == own and n == config.data.num_train:
+        out.append({**single, 'proxy_size': name})
+        continue
+      steps = max(1, round(int(config.proxy.train.steps) * n / int(config.data.num_train)))
+      proxy = dict(members=1, model=model.to_dict(), train=dict(config.proxy.train.to_dict(), steps=steps))
+      proxy_stage, (params, meta) = pipe.build(
+          f'proxy_{name}_n{n}', lambda d, proxy=proxy, n=n, backbone=backbone: rm_world.train_reward_models(
+              _rm_config(config, **proxy), d, data, tok, mesh, init_backbone=backbone, num_train=n),
+          reads={'seed': config.seed, 'proxy': {**config.proxy.to_dict(), **proxy}, 'num_train': n},
+          after=[after['pairs'], lm_stage], summary=lambda out: out[1]['eval'])
+      bon_stage = pipe.run(f'bon_{name}_n{n}', lambda d, params=params, meta=meta: _size_curve(
+          config, d, samples, params, meta, tok), reads={}, after=[after['bon'], proxy_stage])
+      out.append({**bon_stage.result, 'proxy_size': name, 'num_train': n})
+  return out
+
+
+def _size_curve(config, folder: pathlib.Path, samples: dict, params, meta: dict, tok) -> dict:
+  """A sweep point's best-of-n curve: the single proxy (params, checkpoint metadata) scores the
+  best-of-n samples (saved in `folder`); with `proxy_params` and held-out `agreement`."""
+  model = (RewardModel.from_dict(meta['model']), params, _stats(meta))
+  proxy = objective_reward(config, SINGLE, score_samples(config, folder, samples, model, tok, folder.parent.name),
+                           model[2])
+  curve = bon_curve(SINGLE, proxy, samples['gold'], _traits(samples), _sample_ids(samples), _bon_ns(config),
+                    int(config.seed), ensemble=None)
+  return {**curve, 'proxy_params': _param_count(params, 1), 'agreement': meta['eval']['eval/gold_accuracy']}
 
 
 def reference_rewards(config, folder: pathlib.Path, policy_params, policy_cfg, members: tuple, tok) -> pathlib.Path:
@@ -363,20 +471,31 @@ def score_samples(config, folder: pathlib.Path, samples: dict, model: tuple, tok
 
 def bon_curves(config, samples: dict, models: dict) -> dict:
   """Stage `curves`: one best-of-n curve per objective of `config.objectives` (cheap: no sampling)."""
-  n_prompts, n_samples = samples['gold'].shape
-  ns = [1 << i for i in range(int(np.log2(int(config.bon.n_max))) + 1)]
-  # identical responses of a prompt share an id (for the plug-in KL)
-  ids = np.unique(np.asarray(samples['texts'], dtype=str), return_inverse=True)[1].reshape(n_prompts, n_samples)
+  ns, ids = _bon_ns(config), _sample_ids(samples)
   curves = []
   pretrain = config.pretrain.objectives if config.pretrain.members else ()
   for name, source in _with_sources(config.objectives, pretrain):
     proxy = objective_reward(config, name, samples[source], models[source][2])  # [P, N]
-    curve = bon_curve(name, proxy, samples['gold'], {'length': samples['lengths'],
-                                                     'grammatical': samples['grammatical']},
-                      ids, ns, int(config.seed), ensemble=_ensemble(name, source))
+    curve = bon_curve(name, proxy, samples['gold'], _traits(samples), ids, ns, int(config.seed),
+                      ensemble=_ensemble(name, source))
     curve['examples'] = _examples(samples, proxy, samples['gold'], ns[-1])
     curves.append(curve)
   return {'ns': ns, 'curves': curves}
+
+
+def _bon_ns(config) -> list[int]:
+  """n = 1, 2, 4, ..., bon.n_max."""
+  return [1 << i for i in range(int(np.log2(int(config.bon.n_max))) + 1)]
+
+
+def _sample_ids(samples: dict) -> np.ndarray:
+  """`[P, N]` ids of the best-of-n responses, shared by identical ones (for the plug-in KL)."""
+  return np.unique(np.asarray(samples['texts'], dtype=str), return_inverse=True)[1].reshape(samples['gold'].shape)
+
+
+def _traits(samples: dict) -> dict[str, np.ndarray]:
+  """The per-sample traits a best-of-n curve reports at the chosen samples."""
+  return {'length': samples['lengths'], 'grammatical': samples['grammatical']}
 
 
 def _examples(texts, proxy: np.ndarray, gold: np.ndarray, n_max: int, num_prompts: int = 2) -> list[dict]:

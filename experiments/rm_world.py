@@ -301,13 +301,34 @@ def make_pairs(config, workdir: pathlib.Path, policy_params, policy_cfg, gold, p
   return builder
 
 
-def train_reward_models(config, workdir: pathlib.Path, data, tok: Tokenizer, mesh, init_backbone=None):
-  """Stage 4: the ensemble on the train split; returns (params, final checkpoint metadata).
+class _Head:
+  """The first `n` rows of a random-access source."""
+
+  def __init__(self, source, n: int):
+    if not 0 < n <= len(source):
+      raise ValueError(f'_Head: n={n} is not in 1..{len(source)} (the rows of the source).')
+    self.source, self.n = source, n
+
+  def __len__(self) -> int:
+    return self.n
+
+  def __getitem__(self, index: int):
+    if not 0 <= index < self.n:
+      raise IndexError(f'row {index} of the first {self.n}')
+    return self.source[index]
+
+
+def train_reward_models(config, workdir: pathlib.Path, data, tok: Tokenizer, mesh, init_backbone=None,
+                        num_train: int | None = None):
+  """Stage 4: the ensemble on the train split (its first `num_train` pairs when given); returns
+  (params, final checkpoint metadata).
 
   The final metadata holds each member's normalization and the held-out eval metrics.
   """
   model_cfg = config_lib.model_config(config.model, vocab_size=tok.vocab_size)
-  train_batches = pipeline.PairBatches(data.as_data_source('train'), tok, seq_len=int(config.data.seq_len),
+  source = data.as_data_source('train')
+  train_batches = pipeline.PairBatches(source if num_train is None else _Head(source, num_train), tok,
+                                       seq_len=int(config.data.seq_len),
                                        global_batch_size=int(config.train.batch_size), seed=int(config.seed),
                                        **_process_share())
   eval_batches = eval_pairs(config, data, tok)

@@ -155,23 +155,71 @@ def _trained_section(title: str, name: str, curves: list[dict], workdir: pathlib
   return lines, plot
 
 
-def write(config, workdir: pathlib.Path, stages: dict) -> dict:
-  """Write the outputs from the finished stages; returns their paths."""
+def _sizes_section(sweep: list[dict], workdir: pathlib.Path, seed: int) -> tuple[list[str], pathlib.Path]:
+  """The proxy-size and data-size sweep: a table of each point and a plot of its best-of-n gold
+  curves and of the gold fit's α and β against proxy parameters (Gao et al. 2022, Fig. 3)."""
+  sizes = sorted({c['proxy_params'] for c in sweep})
+  data_sizes = sorted({c['num_train'] for c in sweep})
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+  colors = dict(zip(sizes, plt.rcParams['axes.prop_cycle'].by_key()['color']))
+  for c in sorted(sweep, key=lambda c: (c['proxy_params'], c['num_train'])):
+    axes[0].plot(np.sqrt(c['kl']), c['gold_reward'], marker='o', ms=3, color=colors[c['proxy_params']],
+                 ls='-' if c['num_train'] == data_sizes[-1] else '--',
+                 label=f'{c["proxy_size"]} ({c["proxy_params"]:,}), {c["num_train"]} pairs')
+  for n in data_sizes:
+    points = sorted((c['proxy_params'], c['fits']['gold']) for c in sweep if c['num_train'] == n)
+    for ax, key in zip(axes[1:], ('alpha', 'beta')):
+      ax.plot([p for p, _ in points], [f[key] for _, f in points], marker='o', label=f'{n} pairs')
+  axes[0].set(xlabel='√KL (nats^½)', ylabel='gold reward − base policy (std units)', title='best-of-n gold reward')
+  for ax, key in zip(axes[1:], ('α', 'β')):
+    ax.set(xscale='log', xlabel='proxy parameters', ylabel=key, title=f'gold fit {key}: R(d) = d(α − βd)')
+  for ax in axes:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.suptitle(f'proxy size and data size, seed {seed}')
+  fig.tight_layout()
+  path = workdir / 'bon_sizes.png'
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  rows = ['| proxy (width x layers) | parameters | pairs | agreement | peak gold [95% CI] | KL at peak | '
+          'gold at largest KL | gold fit α, β (R²) |', '|---|---|---|---|---|---|---|---|']
+  for c in sorted(sweep, key=lambda c: (c['num_train'], c['proxy_params'])):
+    g, (lo, hi), f = np.asarray(c['gold_reward']), c['gold_reward_ci'], c['fits']['gold']
+    i = int(np.argmax(g))
+    rows.append(f'| {c["proxy_size"]} | {c["proxy_params"]:,} | {c["num_train"]} | {c["agreement"]:.3f} | '
+                f'{_fmt_ci(g[i], lo[i], hi[i])} | {c["kl"][i]:.2f} | {g[-1]:+.3f} | '
+                f'{f["alpha"]:.3f}, {f["beta"]:.3f} ({f["r2"]:.2f}) |')
+  lines = ['## Proxy size and data size', '',
+           'Single proxies of each size, each on a language model of its size pretrained like the policy, '
+           'trained on the first n training pairs (as many passes over them as the study\'s proxies make) and '
+           'optimized by best-of-n on the same samples. Gao et al. find α and β changing smoothly (about '
+           'logarithmically) with proxy parameters, and larger proxies reaching a higher gold peak.', '',
+           f'![proxy sizes]({path.name})', '', *rows, '']
+  return lines, path
+
+
+def write(config, workdir: pathlib.Path, stages: dict, sweep: list[dict] = ()) -> dict:
+  """Write the outputs from the finished stages and the size sweep's curves; returns their paths."""
   curves = stages['curves'].result['curves']
   rl_curves = [c for name, st in stages.items() if name.startswith('rl_') for c in st.result]
   dpo_curves = stages['dpo'].result if 'dpo' in stages else []
   results = {'curves': [{k: v for k, v in c.items() if k != 'examples'} for c in curves + rl_curves + dpo_curves],
+             'size_sweep': [{k: v for k, v in c.items() if k != 'examples'} for c in sweep],
              'proxy_eval': stages['proxies'].result, 'seed': int(config.seed)}
   (workdir / 'results.json').write_text(json.dumps(results, indent=1))
   plot = workdir / 'bon_gold_proxy.png'
   _plot(curves, plot, f'best-of-n, seed {config.seed}: gold vs proxy reward against √KL')
   plots = [plot]
-  rl_lines = []
+  sections = []
   for title, name, chosen in (('RL (RLOO)', 'rl', rl_curves), ('DPO', 'dpo', dpo_curves)):
     if chosen:
       section, path = _trained_section(title, name, chosen, workdir, int(config.seed))
-      rl_lines += section
+      sections += section
       plots.append(path)
+  if sweep:
+    section, path = _sizes_section(list(sweep), workdir, int(config.seed))
+    sections += section
+    plots.append(path)
   lines = [
       '# Reward-model overoptimization on the synthetic world', '',
       f'Seed {config.seed}. Gold and proxy rewards are relative to the base policy (R(0) = 0) in units of each '
@@ -194,7 +242,7 @@ def write(config, workdir: pathlib.Path, stages: dict) -> dict:
       lines.append(f'- {e["which"]} — proxy {e["proxy"]:+.2f}, gold {e["gold"]:+.2f}: '
                    f'`{e["prompt"]}` → `{e["response"].strip()}`')
     lines.append('')
-  lines += rl_lines
+  lines += sections
   lines += ['## Stages', '', '| stage | wall time (s) | cached |', '|---|---|---|']
   lines += [f'| {s.name} | {s.wall_s:.1f} | {"yes" if s.skipped else "no"} |' for s in stages.values()]
   report = workdir / 'report.md'

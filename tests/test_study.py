@@ -116,7 +116,27 @@ def test_smoke_study_writes_results_plot_and_report(smoke):
   assert dpo[0]['fits']['gold']['form'] in ('bon', 'rl')
   for png in ('bon_gold_proxy.png', 'rl_gold_proxy.png', 'dpo_gold_proxy.png'):
     assert (workdir / png).stat().st_size > 10_000
+  # proxy size x data size: (32, 1) and (64, 2) x 128 and 256 pairs; (64, 2) with all pairs is the single proxy
+  sweep = {(c['proxy_size'], c['num_train']): c for c in results['size_sweep']}
+  assert sorted(sweep) == [('32x1', 128), ('32x1', 256), ('64x2', 128), ('64x2', 256)]
+  single = next(c for c in bon if c['method'] == 'single')
+  assert sweep['64x2', 256]['gold_reward'] == single['gold_reward']
+  assert sweep['32x1', 128]['gold_reward'] != sweep['32x1', 256]['gold_reward']
+  # parameters by hand, vocabulary 259: embedding + layers x (2 norms, fused qkv, out, fused gate-up, down)
+  # + final norm + head (weight, bias); heads of 16 dims, MLP 4·⌈2w/3⌉
+  by_hand = lambda w, layers, heads, kv, mlp: (259 * w + layers * (2 * w + w * (heads + 2 * kv) * 16
+                                                                   + heads * 16 * w + w * 2 * mlp + mlp * w) + w + w + 1)
+  assert sweep['32x1', 128]['proxy_params'] == by_hand(32, 1, 2, 1, 88) == 19_937
+  assert sweep['64x2', 256]['proxy_params'] == by_hand(64, 2, 4, 2, 172)  # PERF_NOTES tiny's shape
+  for c in sweep.values():
+    assert c['n'] == single['n'] and c['gold_reward'][0] == pytest.approx(0.0, abs=1e-6)
+    assert 0.0 <= c['agreement'] <= 1.0 and np.isfinite(c['fits']['gold']['alpha'])
+  from rmjax.train import checkpoint
+  (proxy_128,) = list((workdir / 'proxy_32x1_n128').iterdir())
+  assert max(checkpoint.saved_steps(proxy_128 / 'checkpoints')) == 10  # 20 steps x 128 / 256 pairs
+  assert (workdir / 'bon_sizes.png').stat().st_size > 10_000
   report = (workdir / 'report.md').read_text()
+  assert '## Proxy size and data size' in report and '| 32x1 | 19,937 | 128 |' in report
   assert '| single |' in report and '## Stages' in report and 'n=16' in report and '## RL (RLOO)' in report
   assert '| uwo | 0.05 | 1 |' in report
 
@@ -129,9 +149,11 @@ def test_smoke_study_rerun_with_redo_skips_upstream_and_reruns_downstream(smoke)
   assert out.returncode == 0, out.stderr[-3000:]
   # policy, gold, pairs, proxies, warm, backbones, proxies_pretrain, ref_rewards and the RL and DPO stages
   # (which do not read best-of-n) are reused
-  assert out.stdout.count('skipped') == 12 and '[bon] running' in out.stdout and '[report] running' in out.stdout
+  # the size sweep's language model and proxies are reused; only their best-of-n scores rerun
+  assert out.stdout.count('skipped') == 16 and '[bon] running' in out.stdout and '[report] running' in out.stdout
   assert '[rl_uwo] done before' in out.stdout and '[bon_warm] running' in out.stdout
   assert '[bon_pretrain] running' in out.stdout
+  assert '[proxy_32x1_n128] done before' in out.stdout and '[bon_32x1_n128] running' in out.stdout
 
 
 @pytest.mark.slow
@@ -169,6 +191,39 @@ def test_smoke_study_log_sigmoid_reference_is_the_single_proxys_base_policy_rewa
   assert ref.shape == (64 + 8, 8)  # world.num_prompts + bon.num_prompts prompt ids, log_sigmoid.ref_samples each
   # normalized on base-policy samples, so about mean 0 and std 1 (8 x 72 samples here)
   assert abs(ref.mean()) < 0.5 and 0.5 < ref.std() < 2.0
+
+
+def test_size_sweep_models_and_bad_sizes():
+  from configs.study import overoptimization as study_config
+  from experiments import overoptimization
+  config = study_config.get_config('smoke')
+  tiny = overoptimization.size_model(config, 64, 2)
+  assert config_lib.model_config(tiny) == config_lib.model_config(config_lib.model('tiny'))
+  m = overoptimization.size_model(config, 96, 3)
+  assert (m.width, m.mlp_width, m.num_layers, m.num_heads, m.num_kv_heads) == (96, 256, 3, 6, 3)
+  for field, value, message in (('models', ((40, 2),), r'\(40, 2\) is not \(width, layers\)'),
+                                ('num_train', (512,), r'512 is not a pair count in 1..data.num_train=256'),
+                                ('num_train', (), r'give both')):
+    bad = study_config.get_config('smoke')
+    bad.sizes[field] = value
+    with pytest.raises(config_lib.ConfigError, match=f'config.sizes.*{message}'):
+      overoptimization.validate(bad)
+
+
+def test_first_rows_of_the_training_pairs():
+  from experiments.rm_world import _Head
+  from rmjax.data import pipeline
+  from rmjax.data.tokenizer import ByteTokenizer
+  rows = [{'prompt_id': i, 'prompt': f'p{i}', 'chosen': 'a', 'rejected': 'b'} for i in range(10)]
+  head = _Head(rows, 6)
+  assert len(head) == 6 and head[5] is rows[5]
+  with pytest.raises(IndexError):
+    head[6]
+  batches = pipeline.PairBatches(head, ByteTokenizer(), seq_len=16, global_batch_size=4, seed=0)
+  seen = np.concatenate([batches[s]['index'] for s in range(6)])  # steps over several epochs
+  assert set(seen[seen >= 0]) == set(range(6))
+  with pytest.raises(ValueError, match='n=11 is not in 1..10'):
+    _Head(rows, 11)
 
 
 def _leaves(tree, prefix=''):

@@ -4,7 +4,7 @@
 
 Variants: `smoke` (under two minutes, for the tests), `default` (the core comparison on a
 laptop CPU), `medium` (the full method set: WARM, pretrain-seed ensembles, `mean_minus_std`,
-`log_sigmoid`, DPO; more prompts and samples; 5 RL seeds).
+`log_sigmoid`, DPO, proxies at three sizes and two data sizes; more prompts and samples; 5 RL seeds).
 """
 import ml_collections
 
@@ -65,6 +65,13 @@ def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
   c.dpo = ml_collections.ConfigDict(dict(betas=(), seeds=2, steps=150, eval_every=25, batch_size=32, lr=3e-4,
                                          progress=True))
 
+  # 8. Proxy size and data size (Gao et al.'s scaling): single proxies of each (width, layers) in
+  # `sizes.models` — tiny's proportions, each on a language model of its size pretrained like the
+  # policy — trained on the first n training pairs for each n in `sizes.num_train` (steps scaled so
+  # every n gets as many passes over its pairs), scored on the best-of-n samples; best-of-n α and β
+  # against proxy size. None here; `:medium` runs 3 sizes x 2 data sizes.
+  c.sizes = ml_collections.ConfigDict(dict(models=(), num_train=()))
+
   c.mesh = C.mesh()
 
   if arg == 'smoke':
@@ -82,6 +89,7 @@ def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
                      prompts_per_iteration=4, group_size=2, prompt_len=32, progress=False))
     c.dpo.update(dict(betas=(0.1,), seeds=1, steps=4, eval_every=2, batch_size=16, progress=False))
     c.pretrain.update(dict(members=2, objectives=('mean',)))
+    c.sizes.update(dict(models=((32, 1), (64, 2)), num_train=(128, 256)))
   elif arg == 'medium':
     c.objectives = ('single', 'mean', 'wco', 'uwo', 'mean_minus_std', 'median', 'warm')
     c.rl.objectives = ('single', 'mean', 'wco', 'uwo', 'mean_minus_std', 'warm', 'log_sigmoid')
@@ -91,4 +99,5 @@ def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
     c.bon.update(dict(num_prompts=128, samples=512, n_max=512))
     c.rl.seeds = 5
     c.dpo.seeds = 3
+    c.sizes.update(dict(models=((32, 1), (64, 2), (96, 3)), num_train=(1024, 2048)))
   return c
