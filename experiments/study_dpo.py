@@ -3,7 +3,8 @@
 For each β of `dpo.betas` and each of `dpo.seeds` seeds, `rmjax.rl.dpo` trains the base policy
 (also the frozen reference) on the study's training pairs — the pairs the proxies learn from,
 with the same flipped labels — for `dpo.steps` steps, checkpointing every `dpo.eval_every`
-steps from step 0. Each checkpoint is rolled out on the held-out prompts exactly as the RL
+steps from step 0; all runs are members of one vmapped population (`dpo.run_population`,
+member i's checkpoints in `train/members/<i>/`). Each checkpoint is rolled out on the held-out prompts exactly as the RL
 stages' held-out evaluation (`rmjax.rl.score.policy_evaluator`: `rl.group_size` samples per
 prompt, the sequence KL Σ_t (log π − log π_ref) to the base policy, the single proxy's and the
 gold network's scores), and written in the RL trainer's layout (`rollouts/<step>.jsonl`,
@@ -35,15 +36,18 @@ def members(config) -> list[tuple[int, float]]:
   return [(1000 * int(config.seed) + 500 + i, float(b)) for b in config.dpo.betas for i in range(int(config.dpo.seeds))]
 
 
-def dpo_config(config, seed: int, beta: float, policy_dir: pathlib.Path, pairs_dir: pathlib.Path):
-  """The DPO trainer's config for one run (module docstring)."""
+def dpo_config(config, policy_dir: pathlib.Path, pairs_dir: pathlib.Path):
+  """The DPO trainer's config: every run of `members` in one population (module docstring)."""
   d = config.dpo
   c = dpo_lib.get_config('tiny')
-  c.seed = seed
+  runs = members(config)
+  c.seed = runs[0][0]
+  c.population.update(dict(seeds=','.join(str(s) for s, _ in runs),
+                           hparams='objective.dpo.beta=' + ','.join(repr(b) for _, b in runs)))
   c.policy.path = str(policy_dir / 'checkpoints')
   c.data.update(dict(source='tfds', path=str(pairs_dir), seq_len=int(config.data.seq_len),
                      batch_size=int(d.batch_size), eval_batch_size=int(d.batch_size)))
-  c.objective.dpo = dict(beta=beta, label_smoothing=0.0)
+  c.objective.dpo = dict(beta=runs[0][1], label_smoothing=0.0)
   c.optim = config_lib.optim(lr=float(d.lr), warmup_steps=0, schedule='constant', weight_decay=0.0)
   c.train = config_lib.train(int(d.steps), log_every=int(d.eval_every), eval_every=int(d.eval_every),
                              checkpoint_every=int(d.eval_every))
@@ -76,17 +80,17 @@ def run(config, folder: pathlib.Path, dirs: dict, reward_fn, gold) -> list[dict]
   rl.score = ml_collections.ConfigDict(dict(reference=str(dirs['policy'] / 'checkpoints')))
   setup = trainer.build(rl)
   evaluate_policy = score.policy_evaluator(rl, setup, trainer.frozen_models(setup, None))
+  dpo_lib.run(dpo_config(config, dirs['policy'], dirs['pairs']), str(folder / 'train'))
   curves = []
   for i, (seed, beta) in enumerate(members(config)):
-    member = folder / 'members' / str(i)
-    dpo_lib.run(dpo_config(config, seed, beta, dirs['policy'], dirs['pairs']), str(member / 'train'))
-    steps = checkpoint.saved_steps(member / 'train' / 'checkpoints')
+    member, trained = folder / 'members' / str(i), folder / 'train' / 'members' / str(i) / 'checkpoints'
+    steps = checkpoint.saved_steps(trained)
     if not (member / 'metrics.jsonl').exists():  # scored once; a killed scoring starts over
       scoring = member / 'scoring'
       shutil.rmtree(scoring, ignore_errors=True)
       with MetricsWriter(scoring, tensorboard=False) as writer:
         for step in steps:
-          metrics, samples = evaluate_policy(str(member / 'train' / 'checkpoints' / str(step)))
+          metrics, samples = evaluate_policy(str(trained / str(step)))
           trainer.write_rollouts(member / 'rollouts' / f'{step}.jsonl', samples, trainer.rollout_prompt_ids(setup),
                                  int(rl.data.prompt_len), setup.tok)
           writer.write(step, {f'eval/{k}': v for k, v in metrics.items()})

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +49,7 @@ from rmjax.data.synthetic_language import Grammar
 from rmjax.data.tokenizer import ByteTokenizer, tokenizer_from_dict
 from rmjax.models import sampling, transformer
 from rmjax.models.config import ModelConfig
-from rmjax.train import loop, optim
+from rmjax.train import checkpoint, loop, optim
 from rmjax.train import state as state_lib
 
 SOURCES = ('toy', 'jsonl', 'tfds')
@@ -89,28 +89,29 @@ def _weighted(terms: dict[str, jax.Array], weight: jax.Array) -> dict[str, jax.A
   return out
 
 
-def make_train_step(config: ModelConfig, loss_fn, optimizer: optax.GradientTransformation, *,
-                    state_shardings=None):
-  """Jitted `step(state, ref_params, batch) -> (state, metrics)`, the state donated.
+def update(config: ModelConfig, loss_fn, optimizer: optax.GradientTransformation, state: state_lib.TrainState,
+           ref_params, batch) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
+  """One optimizer step on the weighted loss Σ_i w_i ℓ_i / Σ_i w_i over the global batch
+  (`weight` from `PairBatches`). loss_fn: a preference loss
+  `(logp_c, logp_r, ref_c, ref_r, mask_c, mask_r) -> [B]`."""
 
-  loss_fn: a preference loss `(logp_c, logp_r, ref_c, ref_r, mask_c, mask_r) -> [B]`. The loss
-  is Σ_i w_i ℓ_i / Σ_i w_i over the global batch (`weight` from `PairBatches`).
-  """
-
-  def loss(params, ref_params, batch):
-    terms = pair_terms(params, ref_params, config, loss_fn, batch)
-    metrics = _weighted(terms, batch['weight'].astype(jnp.float32))
+  def loss(params):
+    metrics = _weighted(pair_terms(params, ref_params, config, loss_fn, batch), batch['weight'].astype(jnp.float32))
     return metrics['loss'], metrics
 
-  def step(state: state_lib.TrainState, ref_params, batch):
-    (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params, ref_params, batch)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
-    return state_lib.TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng), metrics
+  (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+  return state_lib.TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng), metrics
 
+
+def make_train_step(config: ModelConfig, loss_fn, optimizer: optax.GradientTransformation, *,
+                    state_shardings=None):
+  """Jitted `step(state, ref_params, batch) -> (state, metrics)` (`update`), the state donated."""
   out = (state_shardings, None) if state_shardings is not None else None
-  return jax.jit(step, donate_argnums=(0,), out_shardings=out)
+  return jax.jit(lambda state, ref, batch: update(config, loss_fn, optimizer, state, ref, batch),
+                 donate_argnums=(0,), out_shardings=out)
 
 
 def make_eval_fn(config: ModelConfig, loss_fn):
@@ -118,8 +119,12 @@ def make_eval_fn(config: ModelConfig, loss_fn):
   return jax.jit(lambda params, ref, batch: pair_terms(params, ref, config, loss_fn, batch))
 
 
-def evaluate(eval_fn, params, ref_params, batches, mesh) -> dict[str, float]:
-  """Held-out `eval/loss`, `eval/accuracy`, `eval/margin` (and `eval/gold_accuracy` with gold scores)."""
+def evaluate(eval_fn, params, ref_params, batches, mesh, members: int | None = None) -> dict[str, float]:
+  """Held-out `eval/loss`, `eval/accuracy`, `eval/margin` (and `eval/gold_accuracy` with gold scores).
+
+  members: for a population, eval_fn's terms are `[B, P]` and the keys `eval/member_<i>/<name>`
+  (with the mean over members under the plain name).
+  """
   terms, weights, gold = [], [], []
   for batch in batches:
     terms.append(jax.device_get(eval_fn(params, ref_params, parallel.global_batch(batch, mesh))))
@@ -127,11 +132,21 @@ def evaluate(eval_fn, params, ref_params, batches, mesh) -> dict[str, float]:
     if 'gold_chosen' in batch:
       gold.append(batch['gold_chosen'] - batch['gold_rejected'])
   keep = np.concatenate(weights) > 0
+  gold = np.concatenate(gold)[keep] if gold else None
+
+  def summary(t):
+    out = {'loss': float(t['loss'].mean()), 'accuracy': float(np.mean(t['margin'] > 0)),
+           'margin': float(t['margin'].mean())}
+    if gold is not None:
+      out['gold_accuracy'] = float(np.mean(np.sign(t['margin']) == np.sign(gold)))
+    return out
+
   t = {k: np.concatenate([x[k] for x in terms])[keep] for k in terms[0]}
-  out = {'eval/loss': float(t['loss'].mean()), 'eval/accuracy': float(np.mean(t['margin'] > 0)),
-         'eval/margin': float(t['margin'].mean())}
-  if gold:
-    out['eval/gold_accuracy'] = float(np.mean(np.sign(t['margin']) == np.sign(np.concatenate(gold)[keep])))
+  if members is None:
+    return {f'eval/{k}': v for k, v in summary(t).items()}
+  per = [summary({k: v[:, i] for k, v in t.items()}) for i in range(members)]
+  out = {f'eval/member_{i}/{k}': v for i, m in enumerate(per) for k, v in m.items()}
+  out.update({f'eval/{k}': float(np.mean([m[k] for m in per])) for k in per[0]})
   return out
 
 
@@ -222,51 +237,181 @@ def validate(config) -> None:
   parallel.mesh_from_config(config.mesh)
 
 
-def run(config, workdir: str) -> dict:
-  """Trains the policy on preference pairs; returns the final checkpoint's metadata."""
+class _Setup(NamedTuple):
+  """What the single-run and the population jobs share."""
+  ref_params: Any  # the initial policy (None: a fresh one per seed, `_fresh_policy`)
+  model_cfg: ModelConfig
+  tok: Any
+  loss_fn: Any
+  sources: dict[str, Any]
+  mesh: Any
+
+
+def _setup(config, workdir: pathlib.Path) -> _Setup:
   from rmjax.rl import trainer  # checkpoint loading shared with the RL trainer
-  validate(config)
-  tfds.disable_progress_bar()
-  workdir = pathlib.Path(workdir)
-  mesh = parallel.mesh_from_config(config.mesh)
-  rng = jax.random.key(int(config.seed))
-  tok = ByteTokenizer()
+  tok, ref_params = ByteTokenizer(), None
   if config.policy.path:  # pairs are tokenized with the policy's own tokenizer
     ref_params, model_cfg, tok_dict = trainer.load_policy(config.policy.path)
     tok = tokenizer_from_dict(tok_dict) if tok_dict else tok
   else:
     model_cfg = config_lib.model_config(config.policy.model, vocab_size=tok.vocab_size)
-    ref_params = jax.jit(transformer.init_lm, static_argnums=1)(jax.random.fold_in(rng, 1), model_cfg)
-  loss_fn = objectives.build(config.objective).preference_loss
-  optimizer = optim.make_optimizer(config.optim, int(config.train.steps))
-  src = sources(config, workdir)
-  d = config.data
-  share = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  train_batches = pipeline.PairBatches(src[d.train_split], tok, seq_len=int(d.seq_len),
-                                       global_batch_size=int(d.batch_size), seed=int(config.seed), **share)
+  return _Setup(ref_params, model_cfg, tok, objectives.build(config.objective).preference_loss,
+                sources(config, workdir), parallel.mesh_from_config(config.mesh))
 
-  class _HeldOut:  # one pass over the eval split each time it is iterated
-    def __iter__(self):
-      b = pipeline.PairBatches(src[d.eval_split], tok, seq_len=int(d.seq_len),
-                               global_batch_size=int(d.eval_batch_size), seed=int(config.seed), shuffle=False,
-                               drop_remainder=False, **share)
-      return (b[i] for i in range(len(b)))
+
+def _fresh_policy(model_cfg: ModelConfig, seed) -> Any:
+  """A fresh policy (and reference) from `seed`, as `configs/dpo.py` makes it without `policy.path`."""
+  return transformer.init_lm(jax.random.fold_in(jax.random.key(seed), 1), model_cfg)
+
+
+def _train_batches(config, setup: _Setup, seed: int) -> pipeline.PairBatches:
+  d = config.data
+  return pipeline.PairBatches(setup.sources[d.train_split], setup.tok, seq_len=int(d.seq_len),
+                              global_batch_size=int(d.batch_size), seed=seed, process_index=jax.process_index(),
+                              process_count=jax.process_count())
+
+
+class _HeldOut:
+  """One pass over the eval split each time it is iterated."""
+
+  def __init__(self, config, setup: _Setup):
+    d = config.data
+    self.make = lambda: pipeline.PairBatches(
+        setup.sources[d.eval_split], setup.tok, seq_len=int(d.seq_len), global_batch_size=int(d.eval_batch_size),
+        seed=int(config.seed), shuffle=False, drop_remainder=False, process_index=jax.process_index(),
+        process_count=jax.process_count())
+
+  def __iter__(self):
+    b = self.make()
+    return (b[i] for i in range(len(b)))
+
+
+def run(config, workdir: str) -> dict:
+  """Trains the policy on preference pairs; returns the final checkpoint's metadata. A
+  `population` section naming several members runs them as one program (`run_population`)."""
+  if config.population.seeds or config.population.hparams:
+    return run_population(config, workdir)
+  validate(config)
+  tfds.disable_progress_bar()
+  workdir = pathlib.Path(workdir)
+  setup = _setup(config, workdir)
+  mesh, rng = setup.mesh, jax.random.key(int(config.seed))
+  ref_params = setup.ref_params
+  if ref_params is None:
+    ref_params = jax.jit(_fresh_policy, static_argnums=0)(setup.model_cfg, int(config.seed))
+  optimizer = optim.make_optimizer(config.optim, int(config.train.steps))
 
   def init(key):
     return state_lib.create(jax.tree.map(jnp.array, ref_params), optimizer, key)
 
   abstract = jax.eval_shape(init, rng)
   shardings = state_lib.state_shardings(abstract, optimizer, mesh)
-  step = make_train_step(model_cfg, loss_fn, optimizer, state_shardings=shardings)
-  eval_fn = make_eval_fn(model_cfg, loss_fn)
-  meta = loop.describe(config, kind='causal_lm', model=model_cfg.to_dict(), tokenizer=tok.to_dict(),
+  step = make_train_step(setup.model_cfg, setup.loss_fn, optimizer, state_shardings=shardings)
+  eval_fn = make_eval_fn(setup.model_cfg, setup.loss_fn)
+  meta = loop.describe(config, kind='causal_lm', model=setup.model_cfg.to_dict(), tokenizer=setup.tok.to_dict(),
                        trainer=str(config.objective.preference_loss))
+  held_out = _HeldOut(config, setup)
   _, final = loop.run(
       workdir=workdir, loop=loop.LoopConfig.from_config(config.train, desc=str(config.objective.preference_loss)),
       train_step=lambda state, batch: step(state, ref_params, batch),
       init_state=lambda: jax.jit(init, out_shardings=shardings)(rng),
-      abstract_state=state_lib.with_shardings(abstract, shardings), batches=train_batches, mesh=mesh,
-      metadata=lambda _: meta, evaluate=lambda state: evaluate(eval_fn, state.params, ref_params, _HeldOut(), mesh))
+      abstract_state=state_lib.with_shardings(abstract, shardings), batches=_train_batches(config, setup,
+                                                                                           int(config.seed)),
+      mesh=mesh, metadata=lambda _: meta, evaluate=lambda state: evaluate(eval_fn, state.params, ref_params,
+                                                                          held_out, mesh))
+  return final
+
+
+class _MemberBatches:
+  """Batch `s` of every member's own pair order (its seed), stacked on axis 1: `[B, P, ...]`."""
+
+  def __init__(self, batches: list[pipeline.PairBatches]):
+    self.batches = batches
+
+  def __len__(self) -> int:
+    return len(self.batches[0])
+
+  def __getitem__(self, step: int) -> dict[str, np.ndarray]:
+    rows = [b[step] for b in self.batches]
+    return {k: np.stack([r[k] for r in rows], axis=1) for k in rows[0]}
+
+
+def run_population(config, workdir: str) -> dict:
+  """DPO runs that differ in seed, objective coefficients (β, ...) or `optim.lr`
+  (`config.population`, read as `rmjax.rl.population.parse_members` reads it) as one vmapped
+  program. Member i is the run of `population.member_config(config, member_i)`: its own pair
+  order (its seed), its coefficients inside the vmapped loss, its learning rate in the optimizer
+  state; the reference is the shared initial policy (per member for a fresh policy of several
+  seeds). Outputs: the population's checkpoints and `metrics.jsonl` (`member_<i>/<name>` and the
+  mean under the plain name) in `DIR`; at each checkpoint `DIR/members/<i>/checkpoints/<step>`,
+  a `causal_lm` checkpoint of member i with its own config, and `DIR/members/<i>/metrics.jsonl`.
+  """
+  from rmjax.rl import population as pop  # member parsing and learning rates shared with RL populations
+  members = pop.parse_members(config)
+  configs = [pop.member_config(config, m) for m in members]
+  for c in configs:
+    validate(c)
+  tfds.disable_progress_bar()
+  workdir = pathlib.Path(workdir)
+  setup = _setup(config, workdir)
+  size, paths = len(members), sorted(members[0].values)
+  values = {p: jnp.asarray([m.values[p] for m in members], jnp.float32) for p in paths}
+  seeds = jnp.asarray([m.seed for m in members], jnp.uint32)
+  vary_lr = pop.LR in paths
+  steps = int(config.train.steps)
+  optimizer = pop.lr_optimizer(config.optim, steps) if vary_lr else optim.make_optimizer(config.optim, steps)
+  fresh = setup.ref_params is None
+  ref = jax.jit(jax.vmap(lambda s: _fresh_policy(setup.model_cfg, s)))(seeds) if fresh else setup.ref_params
+  ref_axis = 0 if fresh else None
+
+  def loss_fn(member_values):
+    return objectives.build(pop.with_values(config.objective, member_values)).preference_loss
+
+  def init():
+    def one(ref_params, seed, lr):
+      state = state_lib.create(jax.tree.map(jnp.array, ref_params), optimizer,
+                               jax.random.key(seed))
+      return state._replace(opt_state=pop.set_lr(state.opt_state, lr)) if vary_lr else state
+    lrs = values[pop.LR] if vary_lr else jnp.zeros(size)
+    return jax.vmap(one, in_axes=(ref_axis, 0, 0))(ref, seeds, lrs)
+
+  def step(states, batch):
+    one = lambda state, ref_params, b, v: update(setup.model_cfg, loss_fn(v), optimizer, state, ref_params, b)
+    states, metrics = jax.vmap(one, in_axes=(0, ref_axis, 1, 0))(states, ref, batch, values)
+    return states, pop.flat_metrics(metrics)
+
+  def terms(states_params, ref_params, batch):
+    one = lambda p, r, b, v: pair_terms(p, r, setup.model_cfg, loss_fn(v), b)
+    return jax.vmap(one, in_axes=(0, ref_axis, None, 0), out_axes=1)(states_params, ref_params, batch, values)
+
+  rep = parallel.replicated(setup.mesh)
+  abstract = jax.eval_shape(init)
+  shardings = jax.tree.map(lambda _: rep, abstract)
+  step_fn = jax.jit(step, donate_argnums=(0,), out_shardings=(shardings, None))
+  eval_fn = jax.jit(terms)
+  held_out = _HeldOut(config, setup)
+
+  def metadata(states):
+    step_done = int(jax.device_get(states.step[0]))
+    for i, c in enumerate(configs):
+      with checkpoint.Checkpointer(workdir / 'members' / str(i) / 'checkpoints', max_to_keep=int(config.train.keep),
+                                   async_save=False) as ckpt:
+        ckpt.save(step_done, pop.member_slice(states, i), dict(
+            loop.describe(c, kind='causal_lm', model=setup.model_cfg.to_dict(), tokenizer=setup.tok.to_dict(),
+                          trainer=str(config.objective.preference_loss)), member=i, population=str(workdir)),
+                  force=True)
+    pop.split_metrics(workdir, size)
+    return dict(loop.describe(config, kind='dpo_population', model=setup.model_cfg.to_dict(),
+                              tokenizer=setup.tok.to_dict()), members=[m._asdict() for m in members])
+
+  _, final = loop.run(
+      workdir=workdir, loop=loop.LoopConfig.from_config(config.train, desc=f'DPO population of {size}'),
+      train_step=step_fn, init_state=lambda: jax.jit(init, out_shardings=shardings)(),
+      abstract_state=jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                                  shardings),
+      batches=_MemberBatches([_train_batches(c, setup, int(c.seed)) for c in configs]), mesh=setup.mesh,
+      metadata=metadata, evaluate=lambda states: evaluate(eval_fn, states.params, ref, held_out, setup.mesh,
+                                                          members=size))
   return final
 
 
@@ -290,6 +435,9 @@ def get_config(arg: str = 'tiny'):
   c.optim = config_lib.optim(lr=1e-3, warmup_steps=10, schedule='cosine', weight_decay=0.0)
   c.train = config_lib.train(200, log_every=20, eval_every=40, checkpoint_every=100)
   c.mesh = config_lib.mesh()
+  # Several seeds or coefficients: the members run as one vmapped program (`run_population`), e.g.
+  # seeds='0,1,2' and hparams='objective.dpo.beta=0.05,0.1,0.5'.
+  c.population = ml_collections.ConfigDict(dict(seeds='', hparams=''))
   if size == 'test':
     c.policy.model = config_lib.model('tiny', width=16, mlp_width=32, num_layers=1, num_heads=2, num_kv_heads=1,
                                       max_len=64)
