@@ -70,6 +70,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Check the study config before anything compiles."""
   C = config_lib
   rm_world.validate(_rm_config(config))
+  shape = lambda section: config_lib.model_config(section, vocab_size=1)
+  if shape(config.proxy.model) != shape(config.world.policy.model):
+    raise C.ConfigError('config.proxy.model differs from world.policy.model: the proxies start from the '
+                        "policy's pretrained backbone, so give them its shape (other proxy sizes: config.sizes).")
   _validate_sizes(config)
   C.require_positive(config, 'proxy.members', 'bon.num_prompts', 'bon.samples', 'bon.n_max', 'bon.batch')
   if config.bon.n_max > config.bon.samples:

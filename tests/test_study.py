@@ -208,6 +208,10 @@ def test_size_sweep_models_and_bad_sizes():
     bad.sizes[field] = value
     with pytest.raises(config_lib.ConfigError, match=f'config.sizes.*{message}'):
       overoptimization.validate(bad)
+  bad = study_config.get_config('smoke')
+  bad.proxy.model.width = 32
+  with pytest.raises(config_lib.ConfigError, match='config.proxy.model differs from world.policy.model'):
+    overoptimization.validate(bad)
 
 
 def test_first_rows_of_the_training_pairs():
