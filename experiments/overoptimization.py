@@ -218,7 +218,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, redo: tuple[str, ...] =
               'agreement': proxy_meta['eval']['eval/gold_accuracy' + ('_0' if k > 1 else '')]}
     sweep = _size_sweep(pipe, config, {'policy': policy_stage, 'pairs': pairs_stage, 'bon': bon_stage},
                         policy_params, data, samples, tok, mesh, single)
-  rl_reads = {'seed': config.seed, 'rl': {k: v for k, v in config.rl.items() if k != 'objectives'},
+  # rl.extra_evals left empty leaves the keys of runs made before it existed unchanged
+  rl_reads = {'seed': config.seed, 'rl': {k: v for k, v in config.rl.items()
+                                          if k != 'objectives' and (k != 'extra_evals' or v)},
               'sampling': _sampling_fields(config.data), 'num_eval': config.bon.num_prompts}
   reward_fns = {source: (lambda name, scores, source=source: objective_reward(config, name, scores,
                                                                               models[source][2]))

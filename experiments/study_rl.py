@@ -8,8 +8,9 @@ model for `warm`; the objective's aggregation of every normalized member otherwi
 per-token KL penalty β·(log π − log π_ref) in the reward, the gold's network as the gold scorer
 (the curves add its fluency part), and population members `rl.seeds` seeds × `rl.kl_coefs`
 values of β. Training prompts are the world's prompts; the held-out prompts are those of best-of-n (the next `bon.num_prompts` of the
-grammar). Every `rl.eval_every` iterations, starting at iteration 0 (the base policy), each
-member checkpoints, evaluates on the held-out prompts and writes its rollouts.
+grammar). Every `rl.eval_every` iterations, starting at iteration 0 (the base policy), and at
+the iterations of `rl.extra_evals`, each member checkpoints, evaluates on the held-out prompts
+and writes its rollouts.
 
 `curves` reads, per member and saved step, the held-out sequence KL Σ_t (log π − log π_ref)
 averaged over rollouts (`eval/kl/k1`), and from the rollouts the gold and the objective's proxy
@@ -69,6 +70,7 @@ def rl_config(config, name: str, policy_dir: pathlib.Path, gold_dir: pathlib.Pat
   c.train = config_lib.train(int(r.iterations), log_every=int(r.eval_every), eval_every=int(r.eval_every),
                              checkpoint_every=int(r.eval_every))
   c.train.save_initial = True
+  c.train.extra_steps = tuple(int(s) for s in r.extra_evals)
   c.train.keep = 1
   c.train.progress = bool(r.progress)
   seeds, betas = member_seeds(config), [float(b) for b in r.kl_coefs]
@@ -85,6 +87,10 @@ def validate(config) -> None:
   if config.rl.iterations % config.rl.eval_every:
     raise C.ConfigError(f'config.rl.iterations={config.rl.iterations} must be a multiple of '
                         f'rl.eval_every={config.rl.eval_every} (curves are read at every evaluation).')
+  bad = [s for s in config.rl.extra_evals if not isinstance(s, int) or not 0 < s < config.rl.iterations]
+  if bad:
+    raise C.ConfigError(f'config.rl.extra_evals: {bad} are not iterations in 1..rl.iterations-1='
+                        f'{config.rl.iterations - 1}.')
   if not config.rl.kl_coefs or any(float(b) < 0 for b in config.rl.kl_coefs):
     raise C.ConfigError(f'config.rl.kl_coefs={tuple(config.rl.kl_coefs)}: give one or more coefficients >= 0.')
   if config.rl.prompt_len + config.data.max_new_tokens > config.data.seq_len:

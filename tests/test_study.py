@@ -99,13 +99,13 @@ def test_smoke_study_writes_results_plot_and_report(smoke):
     assert c['proxy_reward'][0] == pytest.approx(0.0, abs=1e-6)
     assert np.all(np.diff(c['proxy_reward']) >= -1e-9)  # the optimized reward rises with n
     assert np.all(np.asarray(c['kl_plugin']) <= np.asarray(c['kl']) + 1e-9)  # the bound bounds it
-  # RL: one curve per (objective, seed, KL coefficient), read at iterations 0, 2, 4.
+  # RL: one curve per (objective, seed, KL coefficient), read at iterations 0, 2, 4 and the extra 1.
   assert sorted((c['method'], c['kl_coef']) for c in rl) == [
       ('log_sigmoid', 0.0), ('log_sigmoid', 0.05), ('uwo', 0.0), ('uwo', 0.05), ('warm', 0.0), ('warm', 0.05)]
   for c in rl:
-    assert c['step'] == [0, 2, 4] and c['seed'] == 0
-    assert len(c['kl']) == len(c['proxy_reward']) == len(c['gold_reward']) == len(c['length']) == 3
-    assert len(c['grammatical']) == 3 and all(0 <= x <= 1 for x in c['grammatical'])
+    assert c['step'] == [0, 1, 2, 4] and c['seed'] == 0
+    assert len(c['kl']) == len(c['proxy_reward']) == len(c['gold_reward']) == len(c['length']) == 4
+    assert len(c['grammatical']) == 4 and all(0 <= x <= 1 for x in c['grammatical'])
     # step 0 is the base policy: the policy equals its reference, so the KL is exactly 0
     assert c['kl'][0] == 0.0 and c['gold_reward'][0] == 0.0 and c['proxy_reward'][0] == 0.0
     assert c['kl'][-1] > 0
@@ -208,6 +208,10 @@ def test_size_sweep_models_and_bad_sizes():
     bad.sizes[field] = value
     with pytest.raises(config_lib.ConfigError, match=f'config.sizes.*{message}'):
       overoptimization.validate(bad)
+  bad = study_config.get_config('smoke')
+  bad.rl.extra_evals = (0, 2)
+  with pytest.raises(config_lib.ConfigError, match=r'extra_evals: \[0\] are not iterations in 1..rl.iterations-1=3'):
+    overoptimization.validate(bad)
   bad = study_config.get_config('smoke')
   bad.proxy.model.width = 32
   with pytest.raises(config_lib.ConfigError, match='config.proxy.model differs from world.policy.model'):

@@ -52,6 +52,8 @@ class LoopConfig:
   keep: checkpoints kept. fail_at_step: raise `InjectedFailure` before running that step (-1: off).
   progress: show a tqdm bar. desc: the bar's label. save_initial: a fresh run first evaluates and
   checkpoints its initial state as step 0 (so a curve over checkpoints starts at the start).
+  extra_steps: steps at which to log, evaluate and checkpoint as well (e.g. early steps, where a
+  curve over checkpoints changes fastest).
   """
   steps: int
   log_every: int = 50
@@ -62,13 +64,15 @@ class LoopConfig:
   progress: bool = True
   desc: str = 'train'
   save_initial: bool = False
+  extra_steps: tuple[int, ...] = ()
 
   @classmethod
   def from_config(cls, train_config, desc: str = 'train') -> 'LoopConfig':
     c = train_config
     return cls(steps=int(c.steps), log_every=int(c.log_every), eval_every=int(c.eval_every),
                checkpoint_every=int(c.checkpoint_every), keep=int(c.keep), fail_at_step=int(c.fail_at_step),
-               progress=bool(c.progress), desc=desc, save_initial=bool(c.save_initial))
+               progress=bool(c.progress), desc=desc, save_initial=bool(c.save_initial),
+               extra_steps=tuple(int(s) for s in c.get('extra_steps', ())))
 
 
 @contextlib.contextmanager
@@ -146,8 +150,9 @@ def run(*, workdir: str | pathlib.Path, loop: LoopConfig, train_step: Callable, 
         state, metrics = train_step(state, parallel.global_batch(batches[step], mesh))
         finite = finite & jnp.isfinite(metrics['loss'])
         done = step + 1
-        to_log = _is_due(done, loop.log_every, loop.steps)
-        to_save = _is_due(done, loop.checkpoint_every, loop.steps) or signal_flag['hit'] is not None
+        extra = done in loop.extra_steps
+        to_log = extra or _is_due(done, loop.log_every, loop.steps)
+        to_save = extra or _is_due(done, loop.checkpoint_every, loop.steps) or signal_flag['hit'] is not None
         if to_log or to_save:
           if not bool(finite):
             raise NonFiniteLossError(
@@ -159,7 +164,7 @@ def run(*, workdir: str | pathlib.Path, loop: LoopConfig, train_step: Callable, 
           now = time.perf_counter()
           scalars['train/steps_per_sec'] = (done - t0_step) / max(now - t0, 1e-9)
           t0, t0_step = now, done
-          if evaluate is not None and _is_due(done, loop.eval_every, loop.steps):
+          if evaluate is not None and (extra or _is_due(done, loop.eval_every, loop.steps)):
             scalars.update(evaluate(state))
           writer.write(done, scalars)
           bar.set_postfix(loss=f'{scalars["train/loss"]:.4f}', it_s=f'{scalars["train/steps_per_sec"]:.1f}')
