@@ -95,10 +95,13 @@ def optim(lr: float = 1e-3, warmup_steps: int = 20, schedule: str = 'cosine', we
 def train(steps: int, *, batch_size: int = 32, log_every: int = 25, eval_every: int = 0,
           checkpoint_every: int = 100) -> ml_collections.ConfigDict:
   """Loop settings; `fail_at_step >= 0` injects a failure before that step (for resume tests);
-  `save_initial` also evaluates and checkpoints the starting state as step 0 (curves start there)."""
-  return ml_collections.ConfigDict(dict(steps=steps, batch_size=batch_size, log_every=log_every,
-                                        eval_every=eval_every, checkpoint_every=checkpoint_every, keep=3,
-                                        fail_at_step=-1, progress=True, save_initial=False))
+  `save_initial` also evaluates and checkpoints the starting state as step 0 (curves start there);
+  `grad_accum_steps` runs each global batch as that many microbatches in one step
+  (`rmjax.train.accumulate`; it must divide the per-process batch)."""
+  return ml_collections.ConfigDict(dict(steps=steps, batch_size=batch_size, grad_accum_steps=1,
+                                        log_every=log_every, eval_every=eval_every,
+                                        checkpoint_every=checkpoint_every, keep=3, fail_at_step=-1,
+                                        progress=True, save_initial=False))
 
 
 _MODEL_FIELDS = ('vocab_size', 'width', 'mlp_width', 'num_layers', 'num_heads', 'num_kv_heads', 'max_len')
