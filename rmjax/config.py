@@ -14,6 +14,7 @@ from typing import Any
 
 import ml_collections
 
+from rmjax.models import config as model_config_lib
 from rmjax.models.config import ModelConfig, get_size
 
 
@@ -105,21 +106,37 @@ def train(steps: int, *, batch_size: int = 32, log_every: int = 25, eval_every: 
 
 
 _MODEL_FIELDS = ('vocab_size', 'width', 'mlp_width', 'num_layers', 'num_heads', 'num_kv_heads', 'max_len')
+_MODEL_OPTIONS = dict(remat='none', scan_layers=False, dtype='float32', param_dtype='float32')
+_MODEL_CHOICES = dict(remat=model_config_lib.REMAT, dtype=model_config_lib.DTYPES,
+                      param_dtype=model_config_lib.DTYPES)
 
 
 def model(size: str = 'tiny', **overrides: Any) -> ml_collections.ConfigDict:
-  """A named size of `rmjax.models.config.SIZES` plus overrides; a field left at 0 keeps the size's value."""
-  fields = dict(size=size, family='llama', tie_embeddings=False, **{f: 0 for f in _MODEL_FIELDS})
+  """A named size of `rmjax.models.config.SIZES` plus overrides; a field left at 0 keeps the size's value.
+
+  Options (`rmjax.models.config.ModelConfig` documents them): `remat` ('none' | 'block'),
+  `scan_layers` (bool), `dtype` (compute) and `param_dtype` (storage), 'float32' or 'bfloat16'.
+  """
+  fields = dict(size=size, family='llama', tie_embeddings=False, **{f: 0 for f in _MODEL_FIELDS},
+                **_MODEL_OPTIONS)
   fields.update(overrides)
   return ml_collections.ConfigDict(fields)
 
 
 def model_config(section: ml_collections.ConfigDict, **fixed: Any) -> ModelConfig:
-  """A model section -> `ModelConfig`; `fixed` (e.g. vocab_size from the tokenizer) fills unset fields."""
+  """A model section -> `ModelConfig`; `fixed` (e.g. vocab_size from the tokenizer) fills unset fields.
+  Options missing from the section (older configs) keep their defaults."""
   overrides = {f: section[f] for f in _MODEL_FIELDS if section[f]}
   for f, v in fixed.items():
     overrides.setdefault(f, v)
-  return get_size(section.size, family=section.family, tie_embeddings=section.tie_embeddings, **overrides)
+  options = {f: section.get(f, default) for f, default in _MODEL_OPTIONS.items()}
+  for f in ('remat', 'dtype', 'param_dtype'):
+    if options[f] not in _MODEL_CHOICES[f]:
+      raise ConfigError(f'config (model section) {f}={options[f]!r}: expected one of {_MODEL_CHOICES[f]}.')
+  if not isinstance(options['scan_layers'], bool):
+    raise ConfigError(f'config (model section) scan_layers={options["scan_layers"]!r}: expected True or False.')
+  return get_size(section.size, family=section.family, tie_embeddings=section.tie_embeddings, **options,
+                  **overrides)
 
 
 def mesh() -> ml_collections.ConfigDict:

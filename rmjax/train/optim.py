@@ -27,8 +27,12 @@ def schedule(optim_config, total_steps: int) -> optax.Schedule:
 
 
 def _decay_mask(params):
-  """Weight decay on matrices (kernels, embeddings), not on norms and biases."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  """Weight decay on matrices (kernels, embeddings), not on norms and biases; the leading layer axis
+  of a scanned backbone's leaves (under a `layers` key) does not count."""
+  def decay(path, p):
+    stacked = any(getattr(k, 'key', None) == 'layers' for k in path)
+    return p.ndim - stacked >= 2
+  return jax.tree_util.tree_map_with_path(decay, params)
 
 
 def make_optimizer(optim_config, total_steps: int) -> optax.GradientTransformation:
