@@ -87,10 +87,11 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 def optim(lr: float = 1e-3, warmup_steps: int = 20, schedule: str = 'cosine', weight_decay: float = 0.01,
           grad_clip: float = 1.0) -> ml_collections.ConfigDict:
-  """AdamW with linear warmup, then cosine decay to lr * final_lr_ratio; global-norm clipping (0: off)."""
+  """AdamW with linear warmup, then cosine decay to lr * final_lr_ratio; global-norm clipping (0: off);
+  `master_dtype='float32'` keeps float32 master weights for bfloat16 params (`rmjax.train.optim`)."""
   return ml_collections.ConfigDict(dict(name='adamw', lr=lr, warmup_steps=warmup_steps, schedule=schedule,
                                         final_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
-                                        weight_decay=weight_decay, grad_clip=grad_clip))
+                                        weight_decay=weight_decay, grad_clip=grad_clip, master_dtype='none'))
 
 
 def train(steps: int, *, batch_size: int = 32, log_every: int = 25, eval_every: int = 0,

@@ -39,7 +39,8 @@ def _primitives(jaxpr):
 
 @pytest.fixture(scope='module')
 def lm():
-  return randomize(jax.jit(tf.init_lm, static_argnums=1)(jax.random.key(0), CFG3), seed=1), *pad_rows(ROWS, 8, 'right')
+  params = jax.jit(lambda k: randomize(tf.init_lm(k, CFG3), seed=1))(jax.random.key(0))
+  return params, *pad_rows(ROWS, 8, 'right')
 
 
 def test_remat_block_same_loss_and_grads_and_marker_in_the_gradient(lm):
@@ -100,7 +101,7 @@ def test_scanned_kv_cache_decode_matches_per_layer(lm):
 
 def test_scanned_reward_ensemble_matches_per_layer():
   rm, rm_scan = RewardModel(CFG3, 2, 'full'), RewardModel(CFG3.replace(scan_layers=True), 2, 'full')
-  params = randomize(jax.jit(rm.init)(jax.random.key(2)), seed=3)
+  params = jax.jit(lambda k: randomize(rm.init(k), seed=3))(jax.random.key(2))
   tokens, mask = pad_rows(ROWS, 9, 'left')
   stacked = jax.vmap(lambda p: tf.stack_layers(p, 3))(params)  # per member: [K, L, ...]
   assert stacked['backbone']['layers']['attn_norm']['scale'].shape == (2, 3, 32)
