@@ -68,3 +68,12 @@ def check_steps(train_section, name: str = 'train') -> int:
         f'config.{name}.grad_accum_steps={steps} does not divide the per-process batch of {local} rows '
         f'(config.{name}.batch_size={batch} over {processes} processes); choose a divisor of {local}.')
   return steps
+
+
+def reject(train_section, trainer: str, instead: str) -> None:
+  """`ConfigError` when `grad_accum_steps` is set (not 1) for a trainer that does not accumulate, so the
+  option never silently does nothing (PITFALLS #3); `instead` says what to use there."""
+  steps = train_section.get('grad_accum_steps', 1)
+  if steps != 1:
+    raise config_lib.ConfigError(f'config.train.grad_accum_steps={steps!r}: the {trainer} does not accumulate '
+                                 f'gradients; leave it at 1 ({instead}).')
