@@ -14,6 +14,7 @@ from typing import Any
 
 import ml_collections
 
+from rmjax.models import config as model_config_lib
 from rmjax.models.config import ModelConfig, get_size
 
 
@@ -86,38 +87,58 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 def optim(lr: float = 1e-3, warmup_steps: int = 20, schedule: str = 'cosine', weight_decay: float = 0.01,
           grad_clip: float = 1.0) -> ml_collections.ConfigDict:
-  """AdamW with linear warmup, then cosine decay to lr * final_lr_ratio; global-norm clipping (0: off)."""
+  """AdamW with linear warmup, then cosine decay to lr * final_lr_ratio; global-norm clipping (0: off);
+  `master_dtype='float32'` keeps float32 master weights for bfloat16 params (`rmjax.train.optim`)."""
   return ml_collections.ConfigDict(dict(name='adamw', lr=lr, warmup_steps=warmup_steps, schedule=schedule,
                                         final_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
-                                        weight_decay=weight_decay, grad_clip=grad_clip))
+                                        weight_decay=weight_decay, grad_clip=grad_clip, master_dtype='none'))
 
 
 def train(steps: int, *, batch_size: int = 32, log_every: int = 25, eval_every: int = 0,
           checkpoint_every: int = 100) -> ml_collections.ConfigDict:
   """Loop settings; `fail_at_step >= 0` injects a failure before that step (for resume tests);
   `save_initial` also evaluates and checkpoints the starting state as step 0 (curves start there);
-  `extra_steps` lists more steps to log, evaluate and checkpoint at."""
-  return ml_collections.ConfigDict(dict(steps=steps, batch_size=batch_size, log_every=log_every,
-                                        eval_every=eval_every, checkpoint_every=checkpoint_every, keep=3,
-                                        fail_at_step=-1, progress=True, save_initial=False, extra_steps=()))
+  `extra_steps` lists more steps to log, evaluate and checkpoint at; `grad_accum_steps` runs each
+  global batch as that many microbatches in one step (`rmjax.train.accumulate`; it must divide the
+  per-process batch)."""
+  return ml_collections.ConfigDict(dict(steps=steps, batch_size=batch_size, grad_accum_steps=1,
+                                        log_every=log_every, eval_every=eval_every,
+                                        checkpoint_every=checkpoint_every, keep=3, fail_at_step=-1,
+                                        progress=True, save_initial=False, extra_steps=()))
 
 
 _MODEL_FIELDS = ('vocab_size', 'width', 'mlp_width', 'num_layers', 'num_heads', 'num_kv_heads', 'max_len')
+_MODEL_OPTIONS = dict(remat='none', scan_layers=False, dtype='float32', param_dtype='float32')
+_MODEL_CHOICES = dict(remat=model_config_lib.REMAT, dtype=model_config_lib.DTYPES,
+                      param_dtype=model_config_lib.DTYPES)
 
 
 def model(size: str = 'tiny', **overrides: Any) -> ml_collections.ConfigDict:
-  """A named size of `rmjax.models.config.SIZES` plus overrides; a field left at 0 keeps the size's value."""
-  fields = dict(size=size, family='llama', tie_embeddings=False, **{f: 0 for f in _MODEL_FIELDS})
+  """A named size of `rmjax.models.config.SIZES` plus overrides; a field left at 0 keeps the size's value.
+
+  Options (`rmjax.models.config.ModelConfig` documents them): `remat` ('none' | 'block'),
+  `scan_layers` (bool), `dtype` (compute) and `param_dtype` (storage), 'float32' or 'bfloat16'.
+  """
+  fields = dict(size=size, family='llama', tie_embeddings=False, **{f: 0 for f in _MODEL_FIELDS},
+                **_MODEL_OPTIONS)
   fields.update(overrides)
   return ml_collections.ConfigDict(fields)
 
 
 def model_config(section: ml_collections.ConfigDict, **fixed: Any) -> ModelConfig:
-  """A model section -> `ModelConfig`; `fixed` (e.g. vocab_size from the tokenizer) fills unset fields."""
+  """A model section -> `ModelConfig`; `fixed` (e.g. vocab_size from the tokenizer) fills unset fields.
+  Options missing from the section (older configs) keep their defaults."""
   overrides = {f: section[f] for f in _MODEL_FIELDS if section[f]}
   for f, v in fixed.items():
     overrides.setdefault(f, v)
-  return get_size(section.size, family=section.family, tie_embeddings=section.tie_embeddings, **overrides)
+  options = {f: section.get(f, default) for f, default in _MODEL_OPTIONS.items()}
+  for f in ('remat', 'dtype', 'param_dtype'):
+    if options[f] not in _MODEL_CHOICES[f]:
+      raise ConfigError(f'config (model section) {f}={options[f]!r}: expected one of {_MODEL_CHOICES[f]}.')
+  if not isinstance(options['scan_layers'], bool):
+    raise ConfigError(f'config (model section) scan_layers={options["scan_layers"]!r}: expected True or False.')
+  return get_size(section.size, family=section.family, tie_embeddings=section.tie_embeddings, **options,
+                  **overrides)
 
 
 def mesh() -> ml_collections.ConfigDict:

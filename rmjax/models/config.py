@@ -12,6 +12,8 @@ from typing import Any
 
 FAMILIES = ('llama', 'gpt2')
 ROPE_TYPES = ('default', 'linear', 'llama3', 'yarn')
+REMAT = ('none', 'block')
+DTYPES = ('float32', 'bfloat16')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +28,16 @@ class ModelConfig:
     KV cache bound).
   tie_embeddings: the LM head reuses the token embedding (transposed).
   attn_bias / mlp_bias: biases on the attention (qkv, and out for gpt2) / MLP dots.
-  dtype: compute dtype; param_dtype: storage dtype of the parameters.
+  dtype: compute dtype; param_dtype: storage dtype of the parameters ('float32' or 'bfloat16';
+    norms, softmax and the heads' outputs stay float32 whatever the compute dtype).
+  remat: 'block' wraps each transformer block in `nn.remat`: the backward pass recomputes the
+    block's activations from its input instead of keeping them (memory O(L·B·T·D) for the
+    residual stream instead of every intermediate, at about one extra forward pass); 'none' keeps
+    them. Results are the same.
+  scan_layers: run the L blocks as one `nn.scan` over a block whose parameters are stacked on a
+    leading layer axis (`backbone/layers/...` `[L, ...]` instead of `backbone/layers_{i}/...`): one
+    block is compiled instead of L. Convert parameters with `transformer.stack_layers` /
+    `unstack_layers`.
 
   Rotary scaling (llama family, applied by `transformer.rope_tables`). With hd the head
   width, base inverse frequencies w_i = rope_theta^(-2i/hd) (i < hd/2), wavelengths
@@ -69,6 +80,8 @@ class ModelConfig:
   mlp_bias: bool = False
   dtype: str = 'float32'
   param_dtype: str = 'float32'
+  remat: str = 'none'
+  scan_layers: bool = False
 
   def __post_init__(self):
     if self.family not in FAMILIES:
@@ -85,6 +98,11 @@ class ModelConfig:
     if self.family == 'gpt2' and self.num_kv_heads != self.num_heads:
       raise ValueError('ModelConfig: the gpt2 family has no grouped-query attention; '
                        f'set num_kv_heads={self.num_heads} (= num_heads).')
+    for name, choices in (('remat', REMAT), ('dtype', DTYPES), ('param_dtype', DTYPES)):
+      if getattr(self, name) not in choices:
+        raise ValueError(f'ModelConfig.{name}={getattr(self, name)!r}: expected one of {choices}.')
+    if not isinstance(self.scan_layers, bool):
+      raise ValueError(f'ModelConfig.scan_layers={self.scan_layers!r}: expected True or False.')
     if self.rope_type not in ROPE_TYPES:
       raise ValueError(f'ModelConfig.rope_type={self.rope_type!r}: expected one of {ROPE_TYPES}.')
     if self.rope_type != 'default' and not self.rope_factor > 0:

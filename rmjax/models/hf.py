@@ -56,7 +56,7 @@ import numpy as np
 
 from rmjax.models.config import ModelConfig
 from rmjax.models.reward_model import RewardModel
-from rmjax.models.transformer import init_lm
+from rmjax.models.transformer import init_lm, unstack_layers
 
 Params = dict[str, Any]
 PathLike = str | pathlib.Path
@@ -524,6 +524,8 @@ def expected_shapes(config: ModelConfig, head: str | None, num_labels: int) -> d
 def _hf_tensors(params: Params, config: ModelConfig, model_type: str, prefix: str, head: str | None,
                 num_labels: int) -> list[tuple[str, Any]]:
   """(HF name, (shape, dtype, make)) for every tensor of the folder, in the rmjax leaf order."""
+  if config.scan_layers:  # Hugging Face folders hold one tensor per layer
+    params = unstack_layers(params, config.num_layers)
   out = []
   for leaf in _leaves(config, model_type, prefix, head, num_labels):
     value = np.asarray(_get(params, leaf.path))
@@ -610,7 +612,9 @@ def save(params: Params, config: ModelConfig | RewardModel, path: PathLike, *, t
     unless this is True; it is then stored as `rmjax_score_bias`, and transformers' raw score
     is rmjax's minus it.
   max_shard_bytes: split the weights into shards of at most this size (plus the index file).
-  Leaves are written in their stored dtype, tensor by tensor.
+  Leaves are written in their stored dtype, tensor by tensor. Params of a `scan_layers` config
+  (layers stacked) are written per layer; `load` always gives the per-layer layout
+  (`transformer.stack_layers` converts it).
   """
   path = pathlib.Path(path)
   rm = config if isinstance(config, RewardModel) else None

@@ -3,8 +3,9 @@
 `logical_axes(params)` returns a tree of the same structure whose leaves are tuples of
 names, one per array dimension (map over it with
 `jax.tree.map(f, axes, is_leaf=lambda x: isinstance(x, tuple))`; a scalar's tuple is
-empty). A leaf with one more dimension than its path implies is a stacked ensemble
-member axis, named 'ensemble' (`rmjax.models.ensemble`). The names:
+empty). A leaf under a `layers` key (the scanned layout of `ModelConfig.scan_layers`) has a
+leading layer axis, named 'layers'. A leaf with one more dimension than that is a stacked ensemble
+member axis, named 'ensemble' (`rmjax.models.ensemble`), first. The names:
 
   vocab         token table rows / LM head columns
   positions     learned position table rows (gpt2)
@@ -15,6 +16,8 @@ member axis, named 'ensemble' (`rmjax.models.ensemble`). The names:
   norm          norm scales and biases
   reward_heads  the K outputs of a reward head
   ensemble      the stacked members of a full ensemble
+  layers        the stacked blocks of a scanned backbone (replicated: each device holds its share
+                of every layer, and the scan walks the layers)
 """
 from __future__ import annotations
 
@@ -53,6 +56,8 @@ def _names(path: tuple[str, ...], ndim: int) -> tuple[str, ...]:
   else:
     raise ValueError(f'logical_axes: no rule for parameter {"/".join(path)}; known (module, param) pairs are '
                      f'{sorted(_RULES)} and norms {_NORMS}.')
+  if 'layers' in path:
+    base = ('layers',) + base
   if ndim == len(base):
     return base
   if ndim == len(base) + 1:

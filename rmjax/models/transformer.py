@@ -23,6 +23,10 @@ H = num_heads, KV = num_kv_heads, hd = head_width, V = vocab_size, L = num_layer
   backbone/final_norm/scale              [D]     (+ bias [D] for gpt2)
   lm_head/kernel                         [D, V]  (absent with tie_embeddings)
 
+With `scan_layers` the L `layers_{i}` subtrees are one `backbone/layers/...` subtree whose leaves
+have a leading layer axis `[L, ...]` (layer i = index i); `stack_layers` / `unstack_layers`
+convert between the layouts (for a full ensemble, `jax.vmap` them over the members).
+
 The qkv columns are `[q heads | k heads | v heads]`, each head-major (`head * hd + i`).
 A Hugging Face import is then a fixed mapping: Llama/Qwen2 `q_proj, k_proj, v_proj`
 weights are transposed and concatenated into `qkv` (biases concatenated), `gate_proj,
@@ -220,7 +224,12 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-  """Backbone: tokens `[B, T]` -> final-normed hidden states `[B, T, D]` (and the new cache)."""
+  """Backbone: tokens `[B, T]` -> final-normed hidden states `[B, T, D]` (and the new cache).
+
+  `config.remat == 'block'` wraps `Block` in `nn.remat` (its activations are recomputed in the
+  backward pass); `config.scan_layers` runs the blocks as one `nn.scan` with parameters stacked
+  on a leading layer axis, the cache's per-layer k, v stacked to `[L, B, S, KV, hd]` for it.
+  """
   config: ModelConfig
 
   def setup(self):
@@ -230,7 +239,14 @@ class Transformer(nn.Module):
     self.embed = nn.Embed(c.vocab_size, c.width, **kw)
     if c.family == 'gpt2':
       self.pos_embed = nn.Embed(c.max_len, c.width, **kw)
-    self.layers = [Block(c) for _ in range(c.num_layers)]
+    block = nn.remat(Block) if c.remat == 'block' else Block
+    if c.scan_layers:
+      # carry x; bias, rope and index are shared by every layer; kv is per layer (axis 0).
+      scanned = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
+                        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=c.num_layers)
+      self.layers = scanned(c)
+    else:
+      self.layers = [block(c) for _ in range(c.num_layers)]
     self.final_norm = Norm(c)
 
   def __call__(self, tokens: jax.Array, mask: jax.Array, positions: jax.Array,
@@ -253,13 +269,18 @@ class Transformer(nn.Module):
     query_slot = index + jnp.arange(t)
     allowed = key_valid[:, None, None, None, :] & (key_slot[None, :] <= query_slot[:, None])[None, None, None]
     bias = jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)
-    new_k, new_v = [], []
-    for i, layer in enumerate(self.layers):
-      kv = None if cache is None else (cache.k[i], cache.v[i])
-      x, layer_kv = layer(x, bias, rope, kv, index)
-      if cache is not None:
-        new_k.append(layer_kv[0])
-        new_v.append(layer_kv[1])
+    if c.scan_layers:
+      kv = None if cache is None else (jnp.stack(cache.k), jnp.stack(cache.v))
+      x, new_kv = self.layers(x, bias, rope, kv, index)
+      new_k, new_v = (None, None) if cache is None else (tuple(new_kv[0]), tuple(new_kv[1]))
+    else:
+      new_k, new_v = [], []
+      for i, layer in enumerate(self.layers):
+        kv = None if cache is None else (cache.k[i], cache.v[i])
+        x, layer_kv = layer(x, bias, rope, kv, index)
+        if cache is not None:
+          new_k.append(layer_kv[0])
+          new_v.append(layer_kv[1])
     new_cache = None if cache is None else KVCache(tuple(new_k), tuple(new_v), key_valid, index + t)
     return self.final_norm(x), new_cache
 
@@ -292,6 +313,37 @@ def check_inputs(config: ModelConfig, tokens: jax.Array, mask: jax.Array,
   elif positions.shape != tokens.shape:
     raise ValueError(f'positions must have the shape of tokens {tokens.shape}; got {positions.shape}.')
   return tokens.astype(jnp.int32), mask.astype(bool), positions.astype(jnp.int32)
+
+
+def stack_layers(params: Params, num_layers: int) -> Params:
+  """Per-layer layout -> scanned layout: every `layers_0 .. layers_{L-1}` subtree (of the backbone,
+  at any depth of an LM or reward model tree) becomes one `layers` subtree with leaves
+  `jnp.stack([layer_0, ..., layer_{L-1}])` `[L, ...]`."""
+  if not isinstance(params, dict):
+    return params
+  names = [f'layers_{i}' for i in range(num_layers)]
+  if names[0] in params:
+    missing = [n for n in names if n not in params]
+    if missing:
+      raise ValueError(f'stack_layers: layers {missing} missing; expected {num_layers} layers.')
+    rest = {k: stack_layers(v, num_layers) for k, v in params.items() if k not in names}
+    return {**rest, 'layers': jax.tree.map(lambda *xs: jnp.stack(xs), *(params[n] for n in names))}
+  return {k: stack_layers(v, num_layers) for k, v in params.items()}
+
+
+def unstack_layers(params: Params, num_layers: int) -> Params:
+  """Scanned layout -> per-layer layout: the inverse of `stack_layers` (`layers` leaves `[L, ...]` ->
+  `layers_{i}` leaves, index i of the layer axis)."""
+  if not isinstance(params, dict):
+    return params
+  out = {k: unstack_layers(v, num_layers) for k, v in params.items() if k != 'layers'}
+  if 'layers' in params:
+    stacked = params['layers']
+    sizes = {x.shape[0] for x in jax.tree.leaves(stacked)}
+    if sizes != {num_layers}:
+      raise ValueError(f'unstack_layers: layer axis sizes {sorted(sizes)}; expected {num_layers}.')
+    out.update({f'layers_{i}': jax.tree.map(lambda x: x[i], stacked) for i in range(num_layers)})
+  return out
 
 
 def init_lm(rng: jax.Array, config: ModelConfig) -> Params:

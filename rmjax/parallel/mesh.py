@@ -8,7 +8,8 @@ mesh axes (one axis, a tuple of axes, or None = replicated):
   embed                      -> 'fsdp'             parameters split over fsdp (ZeRO-3 style)
   qkv, heads, mlp, vocab     -> 'tensor'           Megatron-style tensor parallelism: attention
   kv_heads                   -> 'tensor'           heads, the MLP hidden width, the vocabulary
-  norm, positions, reward_heads, ensemble, population, cache_len, head_dim -> replicated
+  norm, positions, reward_heads, ensemble, population, cache_len, head_dim,
+  layers (the stacked blocks of a scanned backbone) -> replicated
 
 Parameter names come from `rmjax.models.partitioning.logical_axes`; batches use `('batch',
 None, ...)`; a KV cache `k, v [B, S, KV, hd]`, `valid [B, S]` uses `KV_CACHE_AXES`. A dimension
@@ -47,6 +48,7 @@ RULES: Mapping[str, MeshAxes] = {
     'population': None,
     'cache_len': None,
     'head_dim': None,
+    'layers': None,
 }
 
 # KVCache fields (`rmjax.models.transformer.KVCache`) -> logical names of their dimensions.

@@ -49,7 +49,7 @@ from rmjax.data.synthetic_language import Grammar
 from rmjax.data.tokenizer import ByteTokenizer, tokenizer_from_dict
 from rmjax.models import sampling, transformer
 from rmjax.models.config import ModelConfig
-from rmjax.train import checkpoint, loop, optim
+from rmjax.train import accumulate, checkpoint, loop, optim
 from rmjax.train import state as state_lib
 
 SOURCES = ('toy', 'jsonl', 'tfds')
@@ -228,6 +228,7 @@ def validate(config) -> None:
   if config.data.source == 'toy' and len(config.data.toy_letter) != 1:
     raise C.ConfigError(f'config.data.toy_letter={config.data.toy_letter!r}: expected one letter.')
   C.require_choice(config, 'objective.preference_loss', LOSSES)
+  accumulate.reject(config.train, 'DPO trainer', 'lower data.batch_size to fit memory')
   try:
     objective = objectives.build(config.objective)
   except ValueError as e:

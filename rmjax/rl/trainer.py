@@ -46,7 +46,7 @@ from rmjax.models.config import ModelConfig
 from rmjax.models.reward_model import RewardModel
 from rmjax.rl import iteration as it
 from rmjax.rl import retokenize
-from rmjax.train import checkpoint, loop, optim
+from rmjax.train import accumulate, checkpoint, loop, optim
 from rmjax.train import state as state_lib
 
 
@@ -141,6 +141,7 @@ def validate(config) -> None:
     raise C.ConfigError(f'config.data.prompts_per_iteration × rl.group_size = '
                         f'{config.data.prompts_per_iteration * config.rl.group_size} rows must be a multiple of '
                         f'rl.minibatches={config.rl.minibatches}.')
+  accumulate.reject(config.train, 'RL trainer', 'rl.minibatches splits each iteration\'s updates')
   try:
     objectives.build(config.objective)
   except ValueError as e:

@@ -29,7 +29,7 @@ from rmjax import objectives, parallel
 from rmjax.models import ensemble
 from rmjax.models.config import ModelConfig
 from rmjax.models.reward_model import KINDS, RewardModel
-from rmjax.train import checkpoint, loop, optim
+from rmjax.train import accumulate, checkpoint, loop, optim
 from rmjax.train import state as state_lib
 
 _BOOTSTRAP_TAG = 0x0B00
@@ -53,35 +53,41 @@ def pair_scores(rm: RewardModel, params, batch) -> tuple[jax.Array, jax.Array]:
 
 
 def make_train_step(rm: RewardModel, optimizer: optax.GradientTransformation, loss_fn, *,
-                    bootstrap: bool = False, state_shardings=None):
+                    bootstrap: bool = False, grad_accum_steps: int = 1, state_shardings=None):
   """`step(state, batch) -> (state, metrics)`, jitted with the state donated.
 
   loss_fn(r_chosen [B], r_rejected [B]) -> per-example losses [B] (a registered RM loss).
+  grad_accum_steps: N, the global batch `[B, ...]` runs as N microbatches of B/N rows in one
+  `lax.scan` (`rmjax.train.accumulate`); the loss Σ_b w_b·l_b / Σ_b w_b has its normaliser taken
+  over the whole global batch, so the update equals N = 1 up to float summation order.
   metrics: 'loss' (mean over members), 'accuracy' (of the member-mean score), 'grad_norm',
   'update_norm', and per member 'loss_k' / 'accuracy_k'.
   """
   k = rm.num_members
 
-  def losses(params, batch, key):
+  def losses(params, batch, key, n):
     rc, rr = pair_scores(rm, params, batch)
     per_example = jax.vmap(loss_fn)(rc, rr)  # [K, B]
     weight = jnp.broadcast_to(batch['weight'][None, :], per_example.shape)
     if bootstrap:
       weight = weight * bootstrap_weights(key, batch['index'], k)
-    # One normaliser for the whole global batch: the number of real pairs (PITFALLS #4).
-    n = objectives.batch_normalizer(batch['weight'], 'token_mean')
     loss_k = jax.vmap(lambda v, w: objectives.reduce(v, w, 'token_mean', normalizer=n))(per_example, weight)
-    return loss_k.sum(), (loss_k, rc, rr)
+    w = batch['weight']
+    correct_k = ((rc > rr) * w).sum(1)
+    correct = (((rc - rr).mean(0) > 0) * w).sum()
+    return loss_k.sum(), (loss_k, correct_k, correct)
 
   def step(state: state_lib.TrainState, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), _BOOTSTRAP_TAG)
-    (_, (loss_k, rc, rr)), grads = jax.value_and_grad(losses, has_aux=True)(state.params, batch, key)
+    # One normaliser for the whole global batch: the number of real pairs (PITFALLS #4).
+    n = objectives.batch_normalizer(batch['weight'], 'token_mean')
+    (_, (loss_k, correct_k, correct)), grads = accumulate.value_and_grad(
+        lambda p, b: losses(p, b, key, n), state.params, batch, grad_accum_steps)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    w = batch['weight']
-    n = jnp.maximum(w.sum(), 1.0)
-    acc_k = ((rc > rr) * w).sum(1) / n
-    metrics = {'loss': loss_k.mean(), 'accuracy': (((rc - rr).mean(0) > 0) * w).sum() / n,
+    n = jnp.maximum(n, 1.0)
+    acc_k = correct_k / n
+    metrics = {'loss': loss_k.mean(), 'accuracy': correct / n,
                'grad_norm': optax.tree.norm(grads), 'update_norm': optax.tree.norm(updates)}
     if k > 1:
       metrics.update({f'loss_{i}': loss_k[i] for i in range(k)})
@@ -193,6 +199,7 @@ def validate(config) -> None:
     raise config_lib.ConfigError(f'config.ensemble.head_bias={config.ensemble.head_bias!r}: expected one of '
                                  f'{HEAD_BIAS}.')
   C.require_positive(config, 'ensemble.members', 'train.steps', 'train.batch_size', 'eval.batch_size')
+  accumulate.check_steps(config.train)
   C.require_choice(config, 'loss.name', [e.name for e in objectives.entries('rm_loss')])
   C.require_choice(config, 'eval.aggregate', [e.name for e in objectives.entries('aggregation')])
   try:
@@ -236,7 +243,7 @@ def train(config, workdir, *, model_config: ModelConfig, train_batches, eval_bat
   abstract = jax.eval_shape(init, rng)
   shardings = state_lib.state_shardings(abstract, optimizer, mesh)
   step = make_train_step(rm, optimizer, loss_fn, bootstrap=bool(config.ensemble.bootstrap),
-                         state_shardings=shardings)
+                         grad_accum_steps=accumulate.check_steps(config.train), state_shardings=shardings)
   score_fn = make_score_fn(rm)
 
   def evaluate(state, stats=None):

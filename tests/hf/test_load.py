@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rmjax.models import ModelConfig, hf
+from rmjax.models import ModelConfig, hf, transformer
 
 LLAMA = dict(model_type='llama', vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
@@ -128,6 +128,16 @@ def test_save_load_exact_in_bfloat16(tmp_path):
   as32, _ = hf.load(tmp_path)
   np.testing.assert_array_equal(as32['backbone']['embed']['embedding'],
                                 np.asarray(params['backbone']['embed']['embedding']).astype(np.float32))
+
+
+def test_scanned_params_save_per_layer(tmp_path):
+  # A scan_layers model writes the same folder as its per-layer twin; load gives the per-layer layout.
+  params = _random_params(SMALL)
+  hf.save(transformer.stack_layers(params, SMALL.num_layers), SMALL.replace(scan_layers=True), tmp_path / 's')
+  hf.save(params, SMALL, tmp_path / 'p')
+  assert (tmp_path / 's' / hf.WEIGHTS_FILE).read_bytes() == (tmp_path / 'p' / hf.WEIGHTS_FILE).read_bytes()
+  loaded, config = hf.load(tmp_path / 's')
+  assert not config.scan_layers and 'layers_1' in loaded['backbone']
 
 
 _MEMORY_SCRIPT = textwrap.dedent('''

@@ -5,7 +5,8 @@ steps, the third after the state of step 2 was saved on the 2x4x1 mesh and resto
 one), whether the restored arrays equal the saved ones, and the largest share of the parameter
 bytes any one device holds; the same for one device; greedy samples on one device and on the
 meshes; and the per-device parameter bytes of the `small` LM on several 8-device meshes
-(from the shardings alone, nothing allocated); and one PPO iteration (policy, value model and a
+(from the shardings alone, nothing allocated); the RM step with scanned, rematerialized layers
+and gradient accumulation on the meshes; and one PPO iteration (policy, value model and a
 2-member reward model all sharded) on one device and on the meshes: its metrics, sampled tokens,
 updated parameters and the policy's largest per-device byte share.
 """
@@ -60,6 +61,16 @@ def rm_runs(ckpt_dir):
     _, more = case.run(restored, 1)
     out['x'.join(map(str, shape))] = {'losses': losses + more, 'restored_equal': equal, 'restored_placed': placed,
                                       'max_share': share, 'devices': ndev}
+  return out
+
+
+def scaled_rm_runs():
+  """Losses of three RM steps with scanned, rematerialized layers and 2 accumulation steps, per mesh."""
+  out = {}
+  for shape in MESHES:
+    case = rm_case.Case(parallel.make_mesh(*shape), scan_layers=True, remat='block', grad_accum_steps=2)
+    state, losses = case.run(case.fresh(), 3)
+    out['x'.join(map(str, shape))] = {'losses': losses, 'max_share': rm_case.param_share(state.params)[0]}
   return out
 
 
@@ -142,6 +153,7 @@ def main():
   assert jax.device_count() == 8, jax.devices()
   with tempfile.TemporaryDirectory() as tmp:
     out = {'rm': rm_runs(pathlib.Path(tmp) / 'checkpoints')}
+  out['rm_scaled'] = scaled_rm_runs()
   out['samples'] = sample_runs()
   out['small_param_bytes'] = small_param_bytes()
   out['rl'] = rl_runs()

@@ -8,6 +8,7 @@ import numpy as np
 
 from rmjax import config as C
 from rmjax import objectives, parallel
+from rmjax.models import transformer
 from rmjax.models.config import get_size
 from rmjax.models.reward_model import RewardModel
 from rmjax.train import optim, rm_trainer
@@ -35,19 +36,25 @@ def local_rows(global_batch, process_index, process_count):
 class Case:
   """Model, optimizer, abstract state, shardings and the jitted step on `mesh`."""
 
-  def __init__(self, mesh, rules=parallel.RULES):
+  def __init__(self, mesh, rules=parallel.RULES, *, scan_layers=False, remat='none', grad_accum_steps=1):
+    """The options change the program, not the start: a scanned model starts from the per-layer
+    model's initial parameters, stacked (`transformer.stack_layers`)."""
     self.mesh = mesh
-    self.rm = RewardModel(get_size('tiny'), num_members=2, kind='full')
+    self.rm = RewardModel(get_size('tiny', scan_layers=scan_layers, remat=remat), num_members=2, kind='full')
     self.opt = rm_trainer.per_member(optim.make_optimizer(C.optim(lr=1e-2, warmup_steps=0), 10))
     self.rng = jax.random.key(0)
     self.abstract = jax.eval_shape(self.init, self.rng)
     self.shardings = state_lib.state_shardings(self.abstract, self.opt, mesh, rules=rules)
     self.target = state_lib.with_shardings(self.abstract, self.shardings)
     self.step = rm_trainer.make_train_step(self.rm, self.opt, objectives.get('bradley_terry'),
-                                           state_shardings=self.shardings)
+                                           grad_accum_steps=grad_accum_steps, state_shardings=self.shardings)
 
   def init(self, rng):
-    return state_lib.create(self.rm.init(rng), self.opt, rng)
+    config = self.rm.config
+    params = RewardModel(config.replace(scan_layers=False, remat='none'), 2, 'full').init(rng)
+    if config.scan_layers:
+      params = jax.vmap(lambda p: transformer.stack_layers(p, config.num_layers))(params)
+    return state_lib.create(params, self.opt, rng)
 
   def fresh(self):
     return jax.jit(self.init, out_shardings=self.shardings)(self.rng)

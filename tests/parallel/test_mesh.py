@@ -4,7 +4,7 @@ import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from rmjax import parallel
-from rmjax.models import transformer
+from rmjax.models import partitioning, transformer
 from rmjax.models.config import get_size
 
 MESH = AbstractMesh((2, 4, 2), parallel.MESH_AXES)
@@ -20,9 +20,23 @@ MESH = AbstractMesh((2, 4, 2), parallel.MESH_AXES)
     ((2, 32), ('batch', None), P('data', None)),                 # 4 does not divide the rest: data only
     ((3, 343), ('batch', 'mlp'), P(None, None)),                 # nothing divides: replicated
     ((64, 64), ('embed', 'embed'), P('fsdp', None)),             # an axis is used once per array
+    ((4, 64, 128), ('layers', 'embed', 'qkv'), P(None, 'fsdp', 'tensor')),  # scanned layers: replicated axis
+    ((2, 4, 64), ('ensemble', 'layers', 'norm'), P(None, None, None)),
 ])
 def test_spec_for(shape, names, spec):
   assert parallel.spec_for(shape, names, MESH) == spec
+
+
+def test_scanned_lm_params_keep_the_layer_axis_whole():
+  config = get_size('tiny').replace(scan_layers=True)
+  shapes = jax.eval_shape(lambda k: transformer.init_lm(k, config), jax.random.key(0))
+  axes = partitioning.logical_axes(shapes)
+  specs = jax.tree.map(lambda x, a: parallel.spec_for(x.shape, a, MESH), shapes, axes,
+                       is_leaf=lambda x: isinstance(x, tuple))
+  layers = specs['backbone']['layers']
+  assert layers['mlp']['gate_up']['kernel'] == P(None, 'fsdp', 'tensor')
+  assert layers['attn']['out']['kernel'] == P(None, 'tensor', 'fsdp')
+  assert layers['attn_norm']['scale'] == P(None, None)
 
 
 def test_unknown_logical_name_raises():

@@ -43,6 +43,16 @@ def test_each_device_holds_about_one_over_fsdp_times_tensor_of_the_params(result
   assert results['rm']['single']['max_share'] == 1.0
 
 
+@pytest.mark.parametrize('mesh,split', [('2x4x1', 4), ('1x4x2', 8)])
+def test_scanned_remat_accumulated_rm_step_matches_plain_single_device(results, mesh, split):
+  # scan_layers + remat='block' + 2 accumulation steps, from the same (stacked) initial parameters:
+  # the same losses as the plain one-device run to 1e-5 (float sums reordered), and the stacked
+  # parameters still split over fsdp (and tensor), the layer axis whole.
+  run = results['rm_scaled'][mesh]
+  np.testing.assert_allclose(run['losses'], results['rm']['single']['losses'], rtol=1e-5, atol=1e-6)
+  assert 1 / split <= run['max_share'] <= 1 / split + 0.02
+
+
 @pytest.mark.parametrize('mesh', ['2x4x1', '1x4x2'])
 def test_greedy_samples_match_single_device(results, mesh):
   assert results['samples'][mesh] == results['samples']['single']

@@ -1,0 +1,79 @@
+"""Gradient accumulation: one global batch as N microbatches inside the one compiled step.
+
+`value_and_grad(loss_fn, params, batch, num_micro)` evaluates `loss_fn(params, micro) ->
+(loss, aux)` on N microbatches of `batch` (every leaf `[B, ...]`, B divisible by N) in a
+`lax.scan`, and returns the **sums** over microbatches of the loss, the aux tree and the
+gradients. With a loss that is a sum over rows divided by a normaliser of the whole global
+batch (`rmjax.objectives.batch_normalizer`, computed by the caller before splitting), the sums
+are exactly the global batch's loss and gradient, up to float summation order: every row keeps
+its weight whatever N is (PITFALLS #4). A mean of per-microbatch means would not be.
+
+Microbatch i holds rows `i, i + N, i + 2N, ...` (the batch reshaped to `[B/N, N, ...]`): when
+each process's or device's block of rows is divisible by N, every microbatch has the same share
+of rows on every device, so splitting needs no communication.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from rmjax import config as config_lib
+
+
+def split(batch: Any, num_micro: int) -> Any:
+  """Every leaf `[B, ...]` -> `[N, B/N, ...]`, microbatch i = rows i, i + N, ..."""
+  def one(x):
+    if x.shape[0] % num_micro:
+      raise ValueError(f'grad accumulation: a batch of {x.shape[0]} rows does not split into {num_micro} '
+                       'microbatches.')
+    return jnp.swapaxes(x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:]), 0, 1)
+  return jax.tree.map(one, batch)
+
+
+def value_and_grad(loss_fn: Callable, params: Any, batch: Any, num_micro: int) -> tuple[tuple[jax.Array, Any], Any]:
+  """((Σ_i loss_i, Σ_i aux_i), Σ_i ∇loss_i) over the N microbatches of `batch` (see module doc).
+
+  `loss_fn(params, micro) -> (loss [], aux)`; aux leaves must be additive (sums, counts).
+  `num_micro` = 1 is one plain `jax.value_and_grad` call.
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if num_micro == 1:
+    return grad_fn(params, batch)
+
+  micros = split(batch, num_micro)
+  shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micros))
+  # Sums are kept in at least float32 (bf16 gradients would lose the small microbatches' share).
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)), shapes)
+
+  def body(total, micro):
+    return jax.tree.map(lambda t, x: t + x.astype(t.dtype), total, grad_fn(params, micro)), None
+
+  total, _ = jax.lax.scan(body, zeros, micros)
+  return jax.tree.map(lambda t, s: t.astype(s.dtype), total, shapes)
+
+
+def check_steps(train_section, name: str = 'train') -> int:
+  """`train_section.grad_accum_steps` (1 when absent), checked to be a positive integer that divides
+  this process's rows of the global batch (`batch_size` / process count); else `ConfigError`."""
+  steps = train_section.get('grad_accum_steps', 1)
+  if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+    raise config_lib.ConfigError(f'config.{name}.grad_accum_steps={steps!r}: expected a positive integer.')
+  batch, processes = train_section.batch_size, jax.process_count()
+  local = batch // processes
+  if local % steps:
+    raise config_lib.ConfigError(
+        f'config.{name}.grad_accum_steps={steps} does not divide the per-process batch of {local} rows '
+        f'(config.{name}.batch_size={batch} over {processes} processes); choose a divisor of {local}.')
+  return steps
+
+
+def reject(train_section, trainer: str, instead: str) -> None:
+  """`ConfigError` when `grad_accum_steps` is set (not 1) for a trainer that does not accumulate, so the
+  option never silently does nothing (PITFALLS #3); `instead` says what to use there."""
+  steps = train_section.get('grad_accum_steps', 1)
+  if steps != 1:
+    raise config_lib.ConfigError(f'config.train.grad_accum_steps={steps!r}: the {trainer} does not accumulate '
+                                 f'gradients; leave it at 1 ({instead}).')
