@@ -15,7 +15,7 @@ import optax
 from rmjax import objectives
 from rmjax.models import transformer
 from rmjax.models.config import ModelConfig
-from rmjax.train import accumulate, checkpoint, loop, optim
+from rmjax.train import accumulate, loop, optim
 from rmjax.train import state as state_lib
 
 

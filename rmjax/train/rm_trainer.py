@@ -29,7 +29,7 @@ from rmjax import objectives, parallel
 from rmjax.models import ensemble
 from rmjax.models.config import ModelConfig
 from rmjax.models.reward_model import KINDS, RewardModel
-from rmjax.train import accumulate, checkpoint, loop, optim
+from rmjax.train import accumulate, loop, optim
 from rmjax.train import state as state_lib
 
 _BOOTSTRAP_TAG = 0x0B00

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from rmjax.data import ByteTokenizer, PairBatches, chat, hf_datasets
-from tests.hf.conftest import CHATML
 
 CONVERSATION = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'hello there'},
                 {'role': 'assistant', 'content': 'hi'}]

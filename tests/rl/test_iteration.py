@@ -9,7 +9,7 @@ import pytest
 from rmjax import objectives
 from rmjax.models.reward_model import RewardModel
 from rmjax.rl import iteration as it
-from tests.rl.conftest import EOS, PAD, TARGET, TINY, count_scorer, left_padded_prompts
+from tests.rl.conftest import EOS, PAD, TINY, count_scorer, left_padded_prompts
 
 GROUP = 4
 # Sampling at T = 0.7 with top-k: the trainer's log-probs must still match the sampler's.
