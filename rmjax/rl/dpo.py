@@ -408,8 +408,7 @@ def run_population(config, workdir: str) -> dict:
   _, final = loop.run(
       workdir=workdir, loop=loop.LoopConfig.from_config(config.train, desc=f'DPO population of {size}'),
       train_step=step_fn, init_state=lambda: jax.jit(init, out_shardings=shardings)(),
-      abstract_state=jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-                                  shardings),
+      abstract_state=state_lib.with_shardings(abstract, shardings),
       batches=_MemberBatches([_train_batches(c, setup, int(c.seed)) for c in configs]), mesh=setup.mesh,
       metadata=metadata, evaluate=lambda states: evaluate(eval_fn, states.params, ref, held_out, setup.mesh,
                                                           members=size))

@@ -40,6 +40,7 @@ from rmjax import objectives, parallel
 from rmjax.rl import iteration as it
 from rmjax.rl import trainer
 from rmjax.train import checkpoint, loop, optim
+from rmjax.train import state as state_lib
 from rmjax.train.metrics import MetricsWriter, read_metrics
 
 LR = 'optim.lr'
@@ -259,7 +260,6 @@ def run(config, workdir: str) -> dict:
   _, meta = loop.run(
       workdir=workdir, loop=loop.LoopConfig.from_config(config.train, desc=f'population of {size}'),
       train_step=step_fn, init_state=lambda: jax.jit(init, out_shardings=shardings)(),
-      abstract_state=jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-                                  shardings),
+      abstract_state=state_lib.with_shardings(abstract, shardings),
       batches=setup.batches, mesh=setup.mesh, metadata=metadata, evaluate=lambda s: run_eval(s)[0])
   return meta
