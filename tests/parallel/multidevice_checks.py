@@ -22,18 +22,13 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
 from rmjax import parallel  # noqa: E402
-from rmjax import objectives  # noqa: E402
 from rmjax.models import partitioning, sampling, transformer  # noqa: E402
 from rmjax.models.config import get_size  # noqa: E402
-from rmjax.models.reward_model import RewardModel  # noqa: E402
-from rmjax.rl import iteration as it  # noqa: E402
-from rmjax.rl import trainer  # noqa: E402
 from rmjax.train import checkpoint  # noqa: E402
-from rmjax.train import state as state_lib  # noqa: E402
 
+import rl_case  # noqa: E402
 import rm_case  # noqa: E402
 
 MESHES = ((2, 4, 1), (1, 4, 2))
@@ -109,41 +104,14 @@ def small_param_bytes():
   return out
 
 
-RL_SECTION = dict(reward='mean,kl_penalty', kl_penalty=dict(beta=0.05), advantage='gae', loss='ppo_clip,value')
-RL_METRICS = ('reward/raw', 'kl/k1', 'kl/exact', 'entropy', 'loss', 'grad_norm', 'advantage_mean')
-
-
 def rl_runs():
-  """One PPO iteration: 8 prompts × 2 samples × 8 tokens, 2 minibatches, a tiny K=2 reward model."""
-  cfg = get_size('tiny')
-  rm = RewardModel(cfg, num_members=2, kind='full')
-  settings = it.Settings(group_size=2, max_new_tokens=8, temperature=0.7, top_k=32, eos_id=1, pad_id=0,
-                         minibatches=2)
-  # SGD: Adam's g/(|g| + eps) turns the rounding of near-zero gradients (sharded sums reorder
-  # them) into lr-sized steps, which says nothing about whether the sharded program is right.
-  optimizer = optax.sgd(0.1)
-  policy = transformer.init_lm(jax.random.key(1), cfg)
-  objective = objectives.build(RL_SECTION)
-  init = lambda: it.init_state(it.init_params(jax.random.key(2), policy, cfg), optimizer, jax.random.key(3),
-                               objective)
-  frozen = it.Frozen(ref_params=policy, reward_params=rm.init(jax.random.key(4)))
-  rng = np.random.default_rng(1)
-  lens = rng.integers(3, 9, 8)
-  mask = np.arange(8)[None] >= (8 - lens)[:, None]
-  prompts = {'prompt_tokens': np.where(mask, rng.integers(3, 512, (8, 8)), 0).astype(np.int32), 'prompt_mask': mask}
+  """One PPO iteration (`rl_case`) on one device and on the meshes."""
   out = {}
   for shape in ((1, 1, 1), (2, 4, 1), (1, 4, 2)):
-    mesh = parallel.make_mesh(*shape, devices=jax.devices()[:int(np.prod(shape))])
-    abstract = jax.eval_shape(init)
-    shardings = state_lib.state_shardings(abstract, optimizer, mesh)
-    fns = it.make_functions(cfg, RL_SECTION, settings, rm.apply, optimizer, value_config=cfg)
-    step = jax.jit(fns.iteration_samples, donate_argnums=(0,), out_shardings=(shardings, None, None))
-    state = jax.jit(init, out_shardings=shardings)()
-    state, metrics, samples = step(state, trainer.place_frozen(frozen, mesh), parallel.global_batch(prompts, mesh))
-    metrics = jax.device_get(metrics)
+    case = rl_case.Case(parallel.make_mesh(*shape, devices=jax.devices()[:int(np.prod(shape))]))
+    state, metrics, tokens = case.run(case.fresh())
     out['x'.join(map(str, shape))] = {
-        'metrics': {k: float(metrics[k]) for k in RL_METRICS},
-        'tokens': np.asarray(samples.tokens).tolist(),
+        'metrics': metrics, 'tokens': np.asarray(tokens).tolist(),
         'params': [np.asarray(x).ravel().tolist() for x in jax.tree.leaves(state.params)],
         'policy_share': rm_case.param_share(state.params['policy'])[0]}
   return out
