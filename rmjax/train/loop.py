@@ -4,7 +4,8 @@ Resume order: the workdir's own latest checkpoint, else a given `init_state` (fo
 weights from another run), else a fresh state. Batch `s` is a pure function of `s`
 (`batches[s]`), and the step's randomness is `fold_in(rng, step)`, so a killed run resumes to
 bitwise the same result on CPU. SIGTERM and SIGUSR2 (a cluster's preemption / pre-timeout
-signals) write a checkpoint at the next step boundary and exit. A non-finite loss stops the
+signals) write a checkpoint at the next step boundary and exit; with several processes, at a step
+they all agree on (`_Preemption`). A non-finite loss stops the
 run with `NonFiniteLossError` before any checkpoint of the bad state is written.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import pathlib
 import signal
 import time
@@ -22,6 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import tqdm
+from jax.experimental import multihost_utils
 
 from rmjax import config as config_lib
 from rmjax import parallel
@@ -73,25 +76,54 @@ class LoopConfig:
                extra_steps=tuple(int(s) for s in c.get('extra_steps', ())))
 
 
-@contextlib.contextmanager
-def _preemption_signals():
-  """Sets flag['hit'] on SIGTERM / SIGUSR2 while the loop runs; restores the old handlers after."""
-  flag = {'hit': None}
-  old = {}
+class _Preemption:
+  """Whether a preemption notice asks the loop to save and stop at a step.
 
-  def handler(signum, _frame):
-    flag['hit'] = signum
+  One process: SIGTERM / SIGUSR2 set a flag and the loop saves at the next step boundary. Several
+  `jax.distributed` processes must save at the same step (a checkpoint is written by all of them
+  together), and a signal reaches each at a different step. So there the notice goes through
+  jax's preemption sync service (orbax's preemption support rests on it): its own SIGTERM
+  handler tells the coordination service, SIGUSR2 is forwarded to this process as SIGTERM, and
+  `reached_preemption_sync_point(step)` becomes true at the same step on every process — one past
+  the largest step any of them had reached when the notice spread. Every process calls `due` at
+  every step, as that service requires.
+  """
 
-  for sig in (signal.SIGTERM, signal.SIGUSR2):
+  def __init__(self):
+    self.signum: int | None = None
+    self.multi_process = jax.process_count() > 1
+
+  def due(self, step: int) -> bool:
+    if self.multi_process:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.signum is not None
+
+  def describe(self) -> str:
+    return f'signal {self.signum}' if self.signum is not None else 'a preemption notice to a process of this job'
+
+  @contextlib.contextmanager
+  def handlers(self):
+    """Installs the handlers while the loop runs (the main thread only); restores the old ones after."""
+    def record(signum, _frame):
+      self.signum = signum
+
+    def forward(signum, _frame):
+      self.signum = signum
+      os.kill(os.getpid(), signal.SIGTERM)
+
+    # With several processes SIGTERM stays with jax's handler: replacing it would hide the notice.
+    wanted = {signal.SIGUSR2: forward} if self.multi_process else {signal.SIGTERM: record, signal.SIGUSR2: record}
+    old = {}
+    for sig, handler in wanted.items():
+      try:
+        old[sig] = signal.signal(sig, handler)
+      except ValueError:  # not the main thread: leave signals alone
+        pass
     try:
-      old[sig] = signal.signal(sig, handler)
-    except ValueError:  # not the main thread: leave signals alone
-      pass
-  try:
-    yield flag
-  finally:
-    for sig, h in old.items():
-      signal.signal(sig, h)
+      yield self
+    finally:
+      for sig, h in old.items():
+        signal.signal(sig, h)
 
 
 def describe(run_config, **fields: Any) -> dict[str, Any]:
@@ -141,7 +173,7 @@ def run(*, workdir: str | pathlib.Path, loop: LoopConfig, train_step: Callable, 
       if evaluate is not None:
         writer.write(0, dict(evaluate(state)))
       ckpt.save(0, state, dict(metadata(state), final=False, data_step=0))
-    with _preemption_signals() as signal_flag:
+    with _Preemption().handlers() as preemption:
       for step in range(start, loop.steps):
         if step == loop.fail_at_step:
           raise InjectedFailure(f'injected failure before step {step} (fail_at_step={loop.fail_at_step}).')
@@ -150,7 +182,8 @@ def run(*, workdir: str | pathlib.Path, loop: LoopConfig, train_step: Callable, 
         done = step + 1
         extra = done in loop.extra_steps
         to_log = extra or _is_due(done, loop.log_every, loop.steps)
-        to_save = extra or _is_due(done, loop.checkpoint_every, loop.steps) or signal_flag['hit'] is not None
+        preempted = preemption.due(done)
+        to_save = extra or preempted or _is_due(done, loop.checkpoint_every, loop.steps)
         if to_log or to_save:
           if not bool(finite):
             raise NonFiniteLossError(
@@ -174,9 +207,9 @@ def run(*, workdir: str | pathlib.Path, loop: LoopConfig, train_step: Callable, 
             meta.update(finalize(state))
           ckpt.save(done, state, meta)
           last_saved = done
-          if signal_flag['hit'] is not None and not final:
+          if preempted and not final:
             ckpt.wait()
-            raise Preempted(f'signal {signal_flag["hit"]}: checkpoint written at step {done}; rerun to resume.')
+            raise Preempted(f'{preemption.describe()}: checkpoint written at step {done}; rerun to resume.')
   finally:
     bar.close()
     writer.close()

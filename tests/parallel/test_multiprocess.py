@@ -1,4 +1,5 @@
-"""Two local `jax.distributed` processes (gloo, 4 CPU devices each) match one process on one device."""
+"""Two local `jax.distributed` processes (gloo, 4 CPU devices each) match one process on one device,
+and stop together when one of them is preempted."""
 import json
 import os
 import pathlib
@@ -53,8 +54,9 @@ def test_two_processes_match_one_process(results):
   # Three AdamW steps (the third after a save and restore); sharded sums reorder float additions.
   np.testing.assert_allclose(worker['losses'], single['losses'], rtol=1e-5, atol=1e-6)
   assert worker_params.keys() == single_params.keys()
-  w = np.concatenate([worker_params[k].ravel() for k in sorted(worker_params)])
-  s = np.concatenate([single_params[k].ravel() for k in sorted(single_params)])
+  rm_keys = sorted(k for k in single_params if not k.startswith("['rl']"))
+  w = np.concatenate([worker_params[k].ravel() for k in rm_keys])
+  s = np.concatenate([single_params[k].ravel() for k in rm_keys])
   # Adam divides by sqrt(v) + eps: an element whose gradient is ~eps (a rare token's embedding) can
   # move by up to lr = 1e-2 differently per step when float sums reorder. So: every element within
   # the 3 steps' bound 3·lr, and all but 1e-4 of them within 1e-5.
@@ -69,3 +71,27 @@ def test_the_checkpoint_restores_across_processes_and_onto_one_device(results):
   assert worker['share'] <= 1 / 4 + 0.02  # restored with parameters split over fsdp=4
   # Saved by 2 processes on 8 devices, restored on 1 device: bitwise the saved parameters.
   assert single['restored_equal'] and 'SingleDevice' not in single['restored_sharding']
+
+
+def test_a_ppo_iteration_across_two_processes_matches_one_device(results):
+  (worker, worker_params), (single, single_params) = results['worker'], results['single']
+  # Two iterations, the second after a save and restore across the processes. Same keys, same
+  # sampler: the same tokens; SGD (rl_case), so the reordered float sums stay at 1e-5 relative.
+  assert worker['rl_restored_equal']
+  assert worker['rl_tokens'] == single['rl_tokens']
+  for w_it, s_it in zip(worker['rl_metrics'], single['rl_metrics']):
+    for k, v in s_it.items():
+      np.testing.assert_allclose(w_it[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+  rl_keys = [k for k in single_params if k.startswith("['rl']")]
+  assert rl_keys
+  for k in rl_keys:
+    np.testing.assert_allclose(worker_params[k], single_params[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_a_signal_to_one_process_stops_both_at_the_same_step_and_the_run_resumes_exactly(results):
+  worker = results['worker'][0]
+  # SIGUSR2 reached process 1 only, after step 3: both saved the same step, before the end (40).
+  first, second = worker['stopped_at']
+  assert first == second and 3 < first < 40, worker['stopped_at']
+  # Rerun from that checkpoint: bitwise the run that was never interrupted.
+  assert worker['resumed_equal']
