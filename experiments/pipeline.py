@@ -12,7 +12,9 @@ its record exists and the consumed stages' records are the ones it was computed 
 - a stage redone under the same key (`redo=`, or because an input changed) gets a new record,
   which invalidates exactly the stages that consumed the old one;
 - a stage killed midway has no record: rerunning resumes it (trainers resume from their own
-  checkpoints inside the stage folder).
+  checkpoints inside the stage folder);
+- an option in `NEUTRAL_DEFAULTS` at its default value is left out of the key, so adding such an
+  option to a config section does not send finished stages to new folders.
 """
 from __future__ import annotations
 
@@ -31,6 +33,13 @@ import ml_collections
 from rmjax import config as config_lib
 
 RECORD = 'stage.json'
+
+# Options whose default reproduces the program from before the option existed (field name ->
+# that default). At that value they are left out of stage keys; add an option here when it is
+# added to a config section that stages read and its default changes nothing.
+NEUTRAL_DEFAULTS: Mapping[str, Any] = {'grad_accum_steps': 1, 'remat': 'none', 'scan_layers': False,
+                                       'master_dtype': 'none', 'dtype': 'float32', 'param_dtype': 'float32',
+                                       'extra_steps': []}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +60,16 @@ def _jsonable(value: Any) -> Any:
   return value
 
 
+def _key_value(value: Any) -> Any:
+  """`value` as JSON, without the `NEUTRAL_DEFAULTS` options that are at their default."""
+  value = json.loads(json.dumps(_jsonable(value), sort_keys=True, default=str))
+  if isinstance(value, dict):
+    return {k: _key_value(v) for k, v in value.items() if k not in NEUTRAL_DEFAULTS or v != NEUTRAL_DEFAULTS[k]}
+  if isinstance(value, list):
+    return [_key_value(v) for v in value]
+  return value
+
+
 def _hash(obj: Any, n: int = 12) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
 
@@ -67,7 +86,7 @@ class Pipeline:
     self.stages: dict[str, Stage] = {}
 
   def key(self, reads: Mapping[str, Any], after: Sequence[Stage]) -> str:
-    return _hash({'reads': {k: _jsonable(v) for k, v in reads.items()}, 'after': {s.name: s.key for s in after}})
+    return _hash({'reads': {k: _key_value(v) for k, v in reads.items()}, 'after': {s.name: s.key for s in after}})
 
   def run(self, name: str, fn: Callable[[pathlib.Path], Any], *, reads: Mapping[str, Any],
           after: Sequence[Stage] = ()) -> Stage:

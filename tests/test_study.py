@@ -46,6 +46,22 @@ def test_pipeline_skips_keys_and_invalidates_downstream(tmp_path):
     Pipeline(tmp_path, redo=('z',), known=('a', 'b', 'c'))
 
 
+def test_a_new_option_at_its_neutral_default_keeps_the_stage_key(tmp_path):
+  p = Pipeline(tmp_path)
+  before = {'train': {'steps': 10, 'lr': 1e-3}, 'model': {'width': 32}}
+  with_defaults = {'train': {'steps': 10, 'lr': 1e-3, 'grad_accum_steps': 1, 'extra_steps': ()},
+                   'model': {'width': 32, 'remat': 'none', 'scan_layers': False, 'dtype': 'float32'}}
+  assert p.key(with_defaults, []) == p.key(before, [])
+  for section, field, value in (('train', 'grad_accum_steps', 2), ('train', 'extra_steps', (1,)),
+                                ('model', 'remat', 'block'), ('model', 'scan_layers', True),
+                                ('model', 'dtype', 'bfloat16')):
+    changed = {k: dict(v) for k, v in with_defaults.items()}
+    changed[section][field] = value
+    assert p.key(changed, []) != p.key(before, []), field
+  # Only those options: any other field at any value is part of the key.
+  assert p.key({**before, 'train': {**before['train'], 'log_every': 1}}, []) != p.key(before, [])
+
+
 def test_killed_stage_has_no_record_and_reruns(tmp_path):
   p = Pipeline(tmp_path)
 
