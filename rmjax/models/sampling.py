@@ -8,7 +8,9 @@ draws token n from the logits of the previous position:
   policy_logprobs[n] = log_softmax(z)[token]       the policy an RL trainer recomputes
   truncation: keep the top_k largest z (top_k > 0), then, of those, the smallest prefix of
   the descending order whose probability under softmax reaches top_p (the top token is
-  always kept; Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration")
+  always kept; Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration");
+  without top_k the nucleus is found by bisection instead of a sort of the vocabulary
+  (`_nucleus`), which keeps all of a tie at the nucleus' edge
   logprobs[n] = log_softmax(z restricted to the kept set)[token]   the distribution drawn from
 
 Temperature 0 means greedy decoding (`argmax(logits)`): `logprobs` are then 0 (the point
@@ -64,20 +66,53 @@ def token_logprobs(params: Params, config: ModelConfig, tokens: jax.Array, mask:
   return jnp.pad(jnp.where(keep, picked, 0.0), ((0, 0), (1, 0)))
 
 
+def _order_keys(z: jax.Array) -> jax.Array:
+  """float32 -> uint32 with the same order (negative floats have their bits flipped, others the sign bit set)."""
+  bits = jax.lax.bitcast_convert_type(z.astype(jnp.float32), jnp.uint32)
+  return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
+def _nucleus(z: jax.Array, top_p: jax.Array) -> jax.Array:
+  """The top-p nucleus of each row of `z [B, V]` as a mask `[B, V]`, found without sorting V.
+
+  With p = softmax(z), token v is kept iff the mass strictly above it, M(z_v) = Σ_u p_u·[z_u > z_v],
+  is below top_p: the smallest set of most probable tokens whose mass reaches top_p (the top
+  token always). M falls as its argument rises, so a bisection over the order-preserving
+  integer keys of the floats keeps M(lo) ≥ top_p > M(hi); after 32 halvings lo and hi are
+  adjacent keys and the nucleus is exactly {v: key_v > lo}; top_p ≥ 1 keeps every token. Each halving is one pass over
+  [B, V]. Where a sort would cut a tie at the nucleus' edge in index order, all of the tie is kept.
+  """
+  probs = jax.nn.softmax(z, axis=-1)
+  keys = _order_keys(z)
+  top_p = jnp.broadcast_to(top_p, z.shape[:1] + (1,))
+  lo = jnp.min(keys, axis=-1, keepdims=True) - 1  # mass above: everything
+  hi = jnp.max(keys, axis=-1, keepdims=True)      # mass above: nothing
+
+  def halve(_, bounds):
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    reached = jnp.sum(jnp.where(keys > mid, probs, 0.0), axis=-1, keepdims=True) >= top_p
+    return jnp.where(reached, mid, lo), jnp.where(reached, hi, mid)
+
+  lo, _ = jax.lax.fori_loop(0, 32, halve, (lo, hi))
+  return (keys > lo) | (top_p >= 1.0)  # top_p = 1: all (a float32 sum of part of p can round up to 1)
+
+
 def _choose(logits, key, temperature, top_p, top_k: int, use_top_p: bool):
   """One draw per row from `logits [B, V]` -> (token [B], logprob [B], policy_logprob [B])."""
   greedy = jnp.broadcast_to(temperature <= 0, logits.shape[:1] + (1,))[:, 0]
   z = logits / _safe_temperature(temperature)
   policy = jax.nn.log_softmax(z, axis=-1)
-  if top_k > 0 or use_top_p:
-    cand, cand_idx = jax.lax.top_k(z, top_k if top_k > 0 else z.shape[-1])
-  else:
-    cand, cand_idx = z, None
-  if use_top_p:
-    probs = jax.nn.softmax(cand, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs
-    keep = (before < top_p) | (jnp.arange(cand.shape[-1]) == 0)
-    cand = jnp.where(keep, cand, -jnp.inf)
+  cand, cand_idx = z, None
+  if top_k > 0:
+    cand, cand_idx = jax.lax.top_k(z, top_k)
+    if use_top_p:
+      probs = jax.nn.softmax(cand, axis=-1)
+      before = jnp.cumsum(probs, axis=-1) - probs
+      keep = (before < top_p) | (jnp.arange(cand.shape[-1]) == 0)
+      cand = jnp.where(keep, cand, -jnp.inf)
+  elif use_top_p:
+    cand = jnp.where(_nucleus(z, top_p), z, -jnp.inf)
   choice = jax.random.categorical(key, cand, axis=-1)
   cand_lp = jnp.take_along_axis(jax.nn.log_softmax(cand, axis=-1), choice[:, None], axis=-1)[:, 0]
   drawn = choice if cand_idx is None else jnp.take_along_axis(cand_idx, choice[:, None], axis=-1)[:, 0]

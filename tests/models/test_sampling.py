@@ -216,3 +216,41 @@ def test_bad_arguments(setup):
     sampling.sample(params, LLAMA, tokens, mask, jax.random.key(0), max_new_tokens=2, top_k=-1)
   with pytest.raises(ValueError, match='max_len'):
     sampling.sample(params, LLAMA, tokens, mask, jax.random.key(0), max_new_tokens=LLAMA.max_len)
+
+
+@pytest.mark.parametrize('scale', [0.1, 3.0, 300.0])
+def test_nucleus_by_bisection_equals_the_sorted_prefix(scale):
+  """`_nucleus` against numpy's sorted-prefix nucleus (cumulative mass before a token < top_p) on
+  64 rows of distinct random logits of three scales, 9 values of top_p (0 keeps the top token
+  only, 1 keeps everything): the same set in every row, except where the prefix mass lies
+  within 1e-6 of top_p (float32 rounding of the sums decides there), counted and kept rare."""
+  rng = np.random.default_rng(int(scale * 10))
+  z = (rng.standard_normal((64, 300)) * scale).astype(np.float32)
+  z[:, :5] = -np.inf  # masked tokens: probability 0, never kept unless nothing else is
+  nucleus = jax.jit(sampling._nucleus)
+  ambiguous = 0
+  for top_p in (0.0, 0.05, 0.3, 0.5, 0.8, 0.9, 0.95, 0.999, 1.0):
+    got = np.asarray(nucleus(jnp.asarray(z), jnp.float32(top_p)))
+    for b in range(64):
+      order = np.argsort(-z[b].astype(np.float64), kind='stable')
+      p = np.exp(z[b, order].astype(np.float64) - z[b].max())
+      p /= p.sum()
+      before = np.concatenate([[0.0], np.cumsum(p)[:-1]])
+      if np.min(np.abs(before - top_p)) < 1e-6 and 0 < top_p < 1:
+        ambiguous += 1
+        continue
+      want = np.zeros(300, bool)
+      want[order[(before < top_p) | (np.arange(300) == 0)]] = True
+      if top_p == 1.0:
+        want[:] = True  # top_p = 1 is no truncation
+      np.testing.assert_array_equal(got[b], want, err_msg=f'row {b}, top_p {top_p}')
+  assert ambiguous <= 0.02 * 64 * 7  # of the rows with 0 < top_p < 1 (6 of 448 at scale 3)
+
+
+def test_nucleus_keeps_all_of_a_tie_at_its_edge():
+  """Probabilities [0.4, 0.2, 0.2, 0.2] (logits log p): top_p 0.5 needs the top token and one of
+  the three tied ones; the bisection keeps the whole tie, a sort would keep one. top_p 0.4
+  is reached by the top token alone (mass before the next = 0.4, not < 0.4)."""
+  z = jnp.log(jnp.asarray([[0.2, 0.4, 0.2, 0.2]], jnp.float32))
+  np.testing.assert_array_equal(np.asarray(sampling._nucleus(z, jnp.float32(0.5))), [[True, True, True, True]])
+  np.testing.assert_array_equal(np.asarray(sampling._nucleus(z, jnp.float32(0.39))), [[False, True, False, False]])
