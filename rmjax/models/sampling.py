@@ -58,7 +58,7 @@ def token_logprobs(params: Params, config: ModelConfig, tokens: jax.Array, mask:
   previous token, e.g. the first real token after left padding). T = 0 reads as T = 1.
   """
   tokens, mask, positions = check_inputs(config, tokens, mask, positions)
-  logits = lm_logits(params, config, tokens, mask, positions)[:, :-1]
+  logits = lm_logits(params, config, tokens, mask, positions, head_slice=slice(None, -1))
   t = _safe_temperature(_per_row(temperature))
   lp = jax.nn.log_softmax(logits / (t[..., None] if jnp.ndim(t) == 2 else t), axis=-1)
   picked = jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]
@@ -128,7 +128,8 @@ def _sample(params, config, prompt_tokens, prompt_mask, rng, temperature, top_p,
   batch, prompt_len = prompt_tokens.shape
   temperature, top_p = _per_row(temperature), _per_row(top_p)
   cache = init_cache(config, batch, prompt_len + max_new_tokens - 1)
-  logits, cache = lm_decode(params, config, prompt_tokens, prompt_mask, default_positions(prompt_mask), cache)
+  logits, cache = lm_decode(params, config, prompt_tokens, prompt_mask, default_positions(prompt_mask), cache,
+                            head_slice=slice(-1, None))
   keys = jax.random.split(rng, max_new_tokens)
   choose = functools.partial(_choose, temperature=temperature, top_p=top_p, top_k=top_k, use_top_p=use_top_p)
 

@@ -286,15 +286,21 @@ class Transformer(nn.Module):
 
 
 class LanguageModel(nn.Module):
-  """Backbone + LM head: logits `[B, T, V]` float32 (and the new cache)."""
+  """Backbone + LM head: logits `[B, T', V]` float32 (and the new cache).
+
+  head_slice: a static `slice` of the T positions that get logits (default all, T' = T); the
+  head's `[D, V]` matmul then runs on those positions only.
+  """
   config: ModelConfig
 
   def setup(self):
     self.backbone = Transformer(self.config)
     self.lm_head = LMHead(self.config)
 
-  def __call__(self, tokens, mask, positions, cache=None):
+  def __call__(self, tokens, mask, positions, cache=None, head_slice: slice | None = None):
     h, cache = self.backbone(tokens, mask, positions, cache)
+    if head_slice is not None:
+      h = h[:, head_slice]
     embedding = self.backbone.embed.embedding if self.config.tie_embeddings else None
     return self.lm_head(h, embedding), cache
 
@@ -353,10 +359,11 @@ def init_lm(rng: jax.Array, config: ModelConfig) -> Params:
 
 
 def lm_logits(params: Params, config: ModelConfig, tokens: jax.Array, mask: jax.Array,
-              positions: jax.Array | None = None) -> jax.Array:
-  """No-cache forward pass: logits `[B, T, V]` float32 for `tokens [B, T]`, `mask [B, T]`."""
+              positions: jax.Array | None = None, head_slice: slice | None = None) -> jax.Array:
+  """No-cache forward pass: logits `[B, T, V]` float32 for `tokens [B, T]`, `mask [B, T]`; with
+  `head_slice`, logits `[B, T', V]` of those positions only (`LanguageModel`)."""
   tokens, mask, positions = check_inputs(config, tokens, mask, positions)
-  return LanguageModel(config).apply({'params': params}, tokens, mask, positions)[0]
+  return LanguageModel(config).apply({'params': params}, tokens, mask, positions, head_slice=head_slice)[0]
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int) -> KVCache:
@@ -371,10 +378,11 @@ def init_cache(config: ModelConfig, batch: int, max_len: int) -> KVCache:
 
 
 def lm_decode(params: Params, config: ModelConfig, tokens: jax.Array, mask: jax.Array,
-              positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+              positions: jax.Array, cache: KVCache, head_slice: slice | None = None) -> tuple[jax.Array, KVCache]:
   """Forward pass of `tokens [B, T]` against a cache: (logits `[B, T, V]`, updated cache).
 
-  Used for the prefill (T = prompt length) and for each decode step (T = 1). The new
+  Used for the prefill (T = prompt length, `head_slice=slice(-1, None)`: logits of the last
+  position only) and for each decode step (T = 1). The new
   keys/values go to slots `cache.index ..`; `positions` must be given (the caller knows
   how many real tokens each row has seen).
   """
@@ -383,4 +391,4 @@ def lm_decode(params: Params, config: ModelConfig, tokens: jax.Array, mask: jax.
     raise ValueError(f'lm_decode: cache batch {cache.valid.shape[0]} != tokens batch {tokens.shape[0]}.')
   if tokens.shape[1] > cache.valid.shape[1]:
     raise ValueError(f'lm_decode: {tokens.shape[1]} tokens do not fit a cache of {cache.valid.shape[1]} slots.')
-  return LanguageModel(config).apply({'params': params}, tokens, mask, positions, cache)
+  return LanguageModel(config).apply({'params': params}, tokens, mask, positions, cache, head_slice=head_slice)

@@ -172,9 +172,9 @@ def uses_value(objective_section: Any) -> bool:
 
 def response_logits(params, config: ModelConfig, tokens: jax.Array, mask: jax.Array, prompt_len: int,
                     temperature: float) -> jax.Array:
-  """`logits / T` `[B, N, V]` predicting response tokens `tokens[:, prompt_len:]` (no cache)."""
-  logits = transformer.lm_logits(params, config, tokens, mask)
-  return logits[:, prompt_len - 1:-1] / temperature
+  """`logits / T` `[B, N, V]` predicting response tokens `tokens[:, prompt_len:]` (no cache; the LM
+  head runs on those N positions only)."""
+  return transformer.lm_logits(params, config, tokens, mask, head_slice=slice(prompt_len - 1, -1)) / temperature
 
 
 def picked(logp_all: jax.Array, tokens: jax.Array, mask: jax.Array) -> jax.Array:

@@ -21,7 +21,7 @@ from rmjax.train import state as state_lib
 
 def token_nll(params, config: ModelConfig, batch) -> tuple[jax.Array, jax.Array]:
   """Per-token negative log-likelihood `[B, T-1]` of tokens 1.. and its target mask."""
-  logits = transformer.lm_logits(params, config, batch['tokens'], batch['mask'])[:, :-1]
+  logits = transformer.lm_logits(params, config, batch['tokens'], batch['mask'], head_slice=slice(None, -1))
   targets = batch['tokens'][:, 1:]
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]

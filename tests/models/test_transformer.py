@@ -94,6 +94,26 @@ def test_cache_prefill_and_decode_match_full_forward(model):
   np.testing.assert_array_equal(np.asarray(cache.valid)[:, :7], np.asarray(full_mask))
 
 
+def test_head_slice_gives_the_logits_of_those_positions(model):
+  """`head_slice` runs the LM head on a slice of the positions: the same logits as the full
+  forward sliced afterwards (atol 1e-6: the same matmul on fewer rows), and the head's dot
+  has only those rows."""
+  config, params, logits_fn = model
+  tokens, mask = pad_rows(ROWS, 11, 'left')
+  full = np.asarray(logits_fn(params, config, tokens, mask))
+  for cut in (slice(4, -1), slice(-1, None), slice(None, -1)):
+    got = np.asarray(jax.jit(lambda p, t, m, c=cut: tf.lm_logits(p, config, t, m, head_slice=c))(params, tokens, mask))
+    np.testing.assert_allclose(got, full[:, cut], atol=1e-6, rtol=0)
+  # `tiny`, whose vocabulary (512) no other matmul has as its output width: the head's dot has 4 rows.
+  tiny = get_size('tiny')
+  abstract = jax.eval_shape(lambda: tf.init_lm(jax.random.key(0), tiny))
+  jaxpr = jax.make_jaxpr(lambda p, t, m: tf.lm_logits(p, tiny, t, m, head_slice=slice(-1, None)))(abstract, tokens,
+                                                                                                  mask)
+  head_dots = [e.outvars[0].aval.shape for e in jaxpr.eqns
+               if e.primitive.name == 'dot_general' and e.outvars[0].aval.shape[-1] == tiny.vocab_size]
+  assert head_dots and all(np.prod(shape[:-1]) == len(ROWS) for shape in head_dots), head_dots
+
+
 def test_bad_inputs_raise():
   config = get_size('tiny')
   params = jax.eval_shape(lambda k: tf.init_lm(k, config), jax.random.key(0))
