@@ -14,7 +14,9 @@ def markdown(report: dict) -> str:
   m = report['machine']
   lines = [f'Machine: {m["cpu"]}, {m["cores"]} cores, {m["threads_per_framework"]} threads per framework; '
            f'load average {report["load_start"]:.1f} at start, {report.get("load_end", float("nan")):.1f} at end '
-           '(per workload: ' + ', '.join(f'{w["load_before"]:.1f}' for w in report['workloads']) + ').',
+           '(per workload: ' + ', '.join(f'{w["load_before"]:.1f}' for w in report['workloads']) + '); '
+           'CPU time taken by the virtual machine\'s host (steal) per workload: '
+           + ', '.join(f'{w["steal"]:.0%}' if 'steal' in w else '–' for w in report['workloads']) + '.',
            '', 'GFLOP/s are analytic model FLOPs per second; "of dot" divides them by XLA\'s fp32 dot rate at the '
            'step\'s largest matmul shape and "of 2048²" by a 2048³ dot, both timed after each rmjax round of '
            'the same workload (rates in the dot column). Speed-up = peer time / rmjax time (median of the '

@@ -84,6 +84,18 @@ def loadavg() -> float:
   return float(Path('/proc/loadavg').read_text().split()[0])
 
 
+def cpu_ticks() -> tuple[int, int]:
+  """(steal, total) CPU ticks since boot from /proc/stat: steal is time a virtual machine's host
+  gave these cores to someone else, which slows every framework and shows in no load average."""
+  fields = [int(x) for x in Path('/proc/stat').read_text().splitlines()[0].split()[1:]]
+  return fields[7] if len(fields) > 7 else 0, sum(fields[:8])
+
+
+def steal_fraction(start: tuple[int, int]) -> float:
+  steal, total = cpu_ticks()
+  return (steal - start[0]) / max(total - start[1], 1)
+
+
 def machine() -> dict:
   cpu = next((l.split(':', 1)[1].strip() for l in Path('/proc/cpuinfo').read_text().splitlines()
               if l.startswith('model name')), 'unknown')
@@ -104,7 +116,7 @@ def steps_for(seconds_per_step: float, budget: float) -> int:
 def run_workload(w: dict, frameworks: list[str], args, log_dir: Path) -> dict:
   """Setup, check, interleaved timing of one workload; returns its result record."""
   print(f'\n== {w["name"]}  ({", ".join(frameworks)})', flush=True)
-  load0 = loadavg()
+  load0, ticks0 = loadavg(), cpu_ticks()
   procs, setup = {}, {}
   try:
     for f in frameworks:
@@ -141,7 +153,7 @@ def run_workload(w: dict, frameworks: list[str], args, log_dir: Path) -> dict:
          'params': w['params'], 'flops_per_step': w.get('flops'), 'tokens_per_step': w.get('tokens'),
          'largest_matmul': list(w['matmul']), 'load_before': load0,
          'dots': {name: dict(stats(t), gflops_per_s=2 * np.prod(shape) / np.median(t) / 1e9, shape=list(shape))
-                  for (name, t), shape in zip(dot_times.items(), (w['matmul'], (SQUARE,) * 3))}, 'load_after': loadavg(), 'frameworks': {}}
+                  for (name, t), shape in zip(dot_times.items(), (w['matmul'], (SQUARE,) * 3))}, 'load_after': loadavg(), 'steal': steal_fraction(ticks0), 'frameworks': {}}
   for f in frameworks:
     all_times = [t for rnd in rounds[f] for t in rnd]
     rec = dict(stats(all_times), framework=setup[f].get('framework', f), compile_s=setup[f].get('compile_s'),
