@@ -198,13 +198,16 @@ def workloads(args) -> list[dict]:
     rm_tokens = 2 * RM['pairs'] * RM['seq_len']
     mm = common.largest_matmul(s, rm_tokens)
     if 'rm' in args.only:
-      for members, kind, label in ((1, 'full', 'RM step'), (4, 'full', 'RM K=4 full ensemble (vmapped)'),
-                                   (4, 'multi_head', 'RM K=4 multi-head')):
+      # The last row is the first with rmjax's `train.grad_accum_steps=4`: the same update (the
+      # peer's step is unchanged), the batch run as 4 microbatches inside the compiled step.
+      for members, kind, accum, label in ((1, 'full', 1, 'RM step'), (4, 'full', 1, 'RM K=4 full ensemble'),
+                                          (4, 'multi_head', 1, 'RM K=4 multi-head'),
+                                          (1, 'full', 4, 'RM step, rmjax in 4 microbatches')):
         heads = members if kind == 'multi_head' else 1
         flops = common.rm_step_flops(s, RM['pairs'], RM['seq_len'], heads) * (members if kind == 'full' else 1)
         ws.append({'name': f'{label} [{size}]', 'flops': flops, 'tokens': rm_tokens * (members if kind == 'full' else 1),
                    'matmul': mm, 'peers': ['torch'],
-                   'params': dict(workload='rm', size=size, members=members, kind=kind, **RM)})
+                   'params': dict(workload='rm', size=size, members=members, kind=kind, grad_accum_steps=accum, **RM)})
     if 'generate' in args.only:
       for top_p, label in ((1.0, 'generation, temperature 1'), (0.9, 'generation, top-p 0.9')):
         ws.append({'name': f'{label} [{size}]', 'tokens': GEN['rows'] * GEN['new_tokens'],

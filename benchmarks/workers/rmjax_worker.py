@@ -69,7 +69,7 @@ class Worker:
     return compiled, time.perf_counter() - t0
 
   # --------------------------------------------------------------------------- RM step
-  def setup_rm(self, size, pairs, seq_len, members=1, kind='full', seed=0, seq_scale=1, **_):
+  def setup_rm(self, size, pairs, seq_len, members=1, kind='full', seed=0, seq_scale=1, grad_accum_steps=1, **_):
     cfg = model_config(size, max_len=max(1024, seq_len))
     s = common.shape(size)
     rm = RewardModel(cfg, num_members=members, kind=kind)
@@ -86,7 +86,7 @@ class Worker:
              'chosen_mask': np.ones_like(data['chosen'], bool), 'rejected_mask': np.ones_like(data['rejected'], bool),
              'weight': np.ones(pairs, np.float32), 'index': np.arange(pairs, dtype=np.int32)}
     batch = jax.device_put(batch)
-    step = rm_trainer.make_train_step(rm, opt, objectives.get('bradley_terry'))
+    step = rm_trainer.make_train_step(rm, opt, objectives.get('bradley_terry'), grad_accum_steps=grad_accum_steps)
     compiled, compile_s = self._compile(step, state, batch)
     losses = []
     for _ in range(2):  # loss on the initial weights, then after one update
