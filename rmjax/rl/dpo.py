@@ -20,7 +20,8 @@ response tokens and the eos):
 Step (one `jax.jit`, state donated): per-token log-probs of chosen and rejected rows under π
 and π_ref (`rmjax.models.token_logprobs`, one `[2B, T]` pass each), the selected
 `config.objective.preference_loss` (`dpo` or `ipo` of `rmjax.objectives`, `[B]`), reduced as a
-weighted mean over the global batch (padding rows weigh 0). At π = π_ref the DPO loss is log 2
+weighted mean over the global batch (padding rows weigh 0), optionally in
+`train.grad_accum_steps` microbatches (the same result). At π = π_ref the DPO loss is log 2
 and the IPO loss (1/(2τ))².
 
 Metrics: `loss`, `accuracy` (share of pairs whose implicit reward β·log π/π_ref, summed over
@@ -82,24 +83,28 @@ def pair_terms(params, ref_params, config: ModelConfig, loss_fn, batch) -> dict[
   return dict(loss=loss, logratio_chosen=lr_c, logratio_rejected=lr_r, margin=lr_c - lr_r)
 
 
-def _weighted(terms: dict[str, jax.Array], weight: jax.Array) -> dict[str, jax.Array]:
-  n = jnp.maximum(weight.sum(), 1.0)
+def _weighted(terms: dict[str, jax.Array], weight: jax.Array, n: jax.Array) -> dict[str, jax.Array]:
+  """Σ_i w_i t_i / n of every per-pair term, and the weighted share of positive margins."""
   out = {k: (v * weight).sum() / n for k, v in terms.items()}
   out['accuracy'] = ((terms['margin'] > 0) * weight).sum() / n
   return out
 
 
 def update(config: ModelConfig, loss_fn, optimizer: optax.GradientTransformation, state: state_lib.TrainState,
-           ref_params, batch) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
+           ref_params, batch, grad_accum_steps: int = 1) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
   """One optimizer step on the weighted loss Σ_i w_i ℓ_i / Σ_i w_i over the global batch
   (`weight` from `PairBatches`). loss_fn: a preference loss
-  `(logp_c, logp_r, ref_c, ref_r, mask_c, mask_r) -> [B]`."""
+  `(logp_c, logp_r, ref_c, ref_r, mask_c, mask_r) -> [B]`. grad_accum_steps: N microbatches of
+  B/N pairs in one `lax.scan` (`rmjax.train.accumulate`); Σ_i w_i is taken over the whole batch
+  first, so the loss, the metrics and the gradient do not depend on N."""
+  n = jnp.maximum(batch['weight'].astype(jnp.float32).sum(), 1.0)
 
-  def loss(params):
-    metrics = _weighted(pair_terms(params, ref_params, config, loss_fn, batch), batch['weight'].astype(jnp.float32))
+  def loss(params, micro):
+    metrics = _weighted(pair_terms(params, ref_params, config, loss_fn, micro), micro['weight'].astype(jnp.float32),
+                        n)
     return metrics['loss'], metrics
 
-  (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
+  (_, metrics), grads = accumulate.value_and_grad(loss, state.params, batch, grad_accum_steps)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
@@ -107,10 +112,10 @@ def update(config: ModelConfig, loss_fn, optimizer: optax.GradientTransformation
 
 
 def make_train_step(config: ModelConfig, loss_fn, optimizer: optax.GradientTransformation, *,
-                    state_shardings=None):
+                    grad_accum_steps: int = 1, state_shardings=None):
   """Jitted `step(state, ref_params, batch) -> (state, metrics)` (`update`), the state donated."""
   out = (state_shardings, None) if state_shardings is not None else None
-  return jax.jit(lambda state, ref, batch: update(config, loss_fn, optimizer, state, ref, batch),
+  return jax.jit(lambda state, ref, batch: update(config, loss_fn, optimizer, state, ref, batch, grad_accum_steps),
                  donate_argnums=(0,), out_shardings=out)
 
 
@@ -228,7 +233,7 @@ def validate(config) -> None:
   if config.data.source == 'toy' and len(config.data.toy_letter) != 1:
     raise C.ConfigError(f'config.data.toy_letter={config.data.toy_letter!r}: expected one letter.')
   C.require_choice(config, 'objective.preference_loss', LOSSES)
-  accumulate.reject(config.train, 'DPO trainer', 'lower data.batch_size to fit memory')
+  accumulate.check_steps(config.train, batch_size=config.data.batch_size, batch_field='data.batch_size')
   try:
     objective = objectives.build(config.objective)
   except ValueError as e:
@@ -300,6 +305,7 @@ def run(config, workdir: str) -> dict:
   ref_params = setup.ref_params
   if ref_params is None:
     ref_params = jax.jit(_fresh_policy, static_argnums=0)(setup.model_cfg, int(config.seed))
+  ref_params = state_lib.place_params(ref_params, mesh)
   optimizer = optim.make_optimizer(config.optim, int(config.train.steps))
 
   def init(key):
@@ -307,7 +313,8 @@ def run(config, workdir: str) -> dict:
 
   abstract = jax.eval_shape(init, rng)
   shardings = state_lib.state_shardings(abstract, optimizer, mesh)
-  step = make_train_step(setup.model_cfg, setup.loss_fn, optimizer, state_shardings=shardings)
+  step = make_train_step(setup.model_cfg, setup.loss_fn, optimizer,
+                         grad_accum_steps=int(config.train.grad_accum_steps), state_shardings=shardings)
   eval_fn = make_eval_fn(setup.model_cfg, setup.loss_fn)
   meta = loop.describe(config, kind='causal_lm', model=setup.model_cfg.to_dict(), tokenizer=setup.tok.to_dict(),
                        trainer=str(config.objective.preference_loss))
@@ -337,6 +344,34 @@ class _MemberBatches:
     return {k: np.stack([r[k] for r in rows], axis=1) for k in rows[0]}
 
 
+def population_functions(config: ModelConfig, objective_section, optimizer: optax.GradientTransformation, *,
+                         ref_axis: int | None, grad_accum_steps: int = 1):
+  """`(step, terms)`, unjitted, for a population: a `TrainState` with a leading member axis P and
+  `values` (`objective.*` path or `optim.lr` -> `[P]`, see `rmjax.rl.population`).
+
+  step(states, ref_params, values, batch [B, P, ...]) -> (states, metrics: the mean over members
+  and `member_<i>/<name>`): member i's `update` on its own rows `batch[:, i]` with its objective
+  coefficients (traced), its learning rate in its optimizer state.
+  terms(params, ref_params, values, batch [B, ...]) -> per-pair terms `[B, P]` of every member on one batch.
+  ref_axis: 0 when the reference is stacked per member, None when shared.
+  """
+  from rmjax.rl import population as pop  # member values shared with RL populations
+
+  def loss_fn(member_values):
+    return objectives.build(pop.with_values(objective_section, member_values)).preference_loss
+
+  def step(states, ref_params, values, batch):
+    one = lambda state, r, b, v: update(config, loss_fn(v), optimizer, state, r, b, grad_accum_steps)
+    states, metrics = jax.vmap(one, in_axes=(0, ref_axis, 1, 0))(states, ref_params, batch, values)
+    return states, pop.flat_metrics(metrics)
+
+  def terms(params, ref_params, values, batch):
+    one = lambda p, r, v: pair_terms(p, r, config, loss_fn(v), batch)
+    return jax.vmap(one, in_axes=(0, ref_axis, 0), out_axes=1)(params, ref_params, values)
+
+  return step, terms
+
+
 def run_population(config, workdir: str) -> dict:
   """DPO runs that differ in seed, objective coefficients (β, ...) or `optim.lr`
   (`config.population`, read as `rmjax.rl.population.parse_members` reads it) as one vmapped
@@ -363,10 +398,10 @@ def run_population(config, workdir: str) -> dict:
   optimizer = pop.lr_optimizer(config.optim, steps) if vary_lr else optim.make_optimizer(config.optim, steps)
   fresh = setup.ref_params is None
   ref = jax.jit(jax.vmap(lambda s: _fresh_policy(setup.model_cfg, s)))(seeds) if fresh else setup.ref_params
+  ref = state_lib.place_params(ref, setup.mesh, population=fresh)
   ref_axis = 0 if fresh else None
-
-  def loss_fn(member_values):
-    return objectives.build(pop.with_values(config.objective, member_values)).preference_loss
+  step, terms = population_functions(setup.model_cfg, config.objective, optimizer, ref_axis=ref_axis,
+                                     grad_accum_steps=int(config.train.grad_accum_steps))
 
   def init():
     def one(ref_params, seed, lr):
@@ -376,20 +411,10 @@ def run_population(config, workdir: str) -> dict:
     lrs = values[pop.LR] if vary_lr else jnp.zeros(size)
     return jax.vmap(one, in_axes=(ref_axis, 0, 0))(ref, seeds, lrs)
 
-  def step(states, batch):
-    one = lambda state, ref_params, b, v: update(setup.model_cfg, loss_fn(v), optimizer, state, ref_params, b)
-    states, metrics = jax.vmap(one, in_axes=(0, ref_axis, 1, 0))(states, ref, batch, values)
-    return states, pop.flat_metrics(metrics)
-
-  def terms(states_params, ref_params, batch):
-    one = lambda p, r, b, v: pair_terms(p, r, setup.model_cfg, loss_fn(v), b)
-    return jax.vmap(one, in_axes=(0, ref_axis, None, 0), out_axes=1)(states_params, ref_params, batch, values)
-
-  rep = parallel.replicated(setup.mesh)
   abstract = jax.eval_shape(init)
-  shardings = jax.tree.map(lambda _: rep, abstract)
+  shardings = state_lib.state_shardings(abstract, optimizer, setup.mesh, population=True)
   step_fn = jax.jit(step, donate_argnums=(0,), out_shardings=(shardings, None))
-  eval_fn = jax.jit(terms)
+  eval_fn = jax.jit(lambda params, ref_params, batch: terms(params, ref_params, values, batch))
   held_out = _HeldOut(config, setup)
 
   def metadata(states):
@@ -407,7 +432,8 @@ def run_population(config, workdir: str) -> dict:
 
   _, final = loop.run(
       workdir=workdir, loop=loop.LoopConfig.from_config(config.train, desc=f'DPO population of {size}'),
-      train_step=step_fn, init_state=lambda: jax.jit(init, out_shardings=shardings)(),
+      train_step=lambda states, batch: step_fn(states, ref, values, batch),
+      init_state=lambda: jax.jit(init, out_shardings=shardings)(),
       abstract_state=state_lib.with_shardings(abstract, shardings),
       batches=_MemberBatches([_train_batches(c, setup, int(c.seed)) for c in configs]), mesh=setup.mesh,
       metadata=metadata, evaluate=lambda states: evaluate(eval_fn, states.params, ref, held_out, setup.mesh,

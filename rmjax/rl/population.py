@@ -160,6 +160,14 @@ def make_population_functions(policy_config, objective_section: Any, settings: i
   return iteration, evaluate
 
 
+def population_shardings(abstract: PopulationState, optimizer: optax.GradientTransformation, mesh) -> PopulationState:
+  """Every member's parameters and optimizer moments sharded like one run's (`state_shardings`
+  with the leading population axis replicated); step, keys, controller states and values replicated."""
+  rep = parallel.replicated(mesh)
+  return PopulationState(state_lib.state_shardings(abstract.members, optimizer, mesh, population=True),
+                         jax.tree.map(lambda _: rep, abstract.values))
+
+
 def member_slice(tree: Any, i: int) -> Any:
   return jax.tree.map(lambda x: x[i], tree)
 
@@ -211,7 +219,7 @@ def run(config, workdir: str) -> dict:
     ref = jax.jit(lambda: trainer.initial_policy(setup, members[0].seed))()
   else:
     ref = setup.base_params if not fresh else jax.jit(jax.vmap(lambda s: trainer.initial_policy(setup, s)))(seeds)
-  frozen = trainer.frozen_models(setup, ref)
+  frozen = trainer.place_frozen(trainer.frozen_models(setup, ref), setup.mesh, ref_population=fresh)
   iteration, evaluate = make_population_functions(
       setup.policy_cfg, config.objective, setup.settings, setup.scorer, optimizer, value_config=setup.value_cfg,
       gold_scorer=setup.gold_scorer, ref_axis=0 if fresh else None)
@@ -224,10 +232,9 @@ def run(config, workdir: str) -> dict:
     return PopulationState(jax.vmap(one, in_axes=(0, 0 if fresh else None, 0))(seeds, ref, lrs), values)
 
   abstract = jax.eval_shape(init)
-  rep = parallel.replicated(setup.mesh)
-  shardings = jax.tree.map(lambda _: rep, abstract)
+  shardings = population_shardings(abstract, optimizer, setup.mesh)
 
-  def step(pstate, batch):
+  def step(pstate, frozen, batch):
     pstate, metrics, _ = iteration(pstate, frozen, batch)
     return pstate, flat_metrics(metrics)
 
@@ -259,7 +266,8 @@ def run(config, workdir: str) -> dict:
 
   _, meta = loop.run(
       workdir=workdir, loop=loop.LoopConfig.from_config(config.train, desc=f'population of {size}'),
-      train_step=step_fn, init_state=lambda: jax.jit(init, out_shardings=shardings)(),
+      train_step=lambda pstate, batch: step_fn(pstate, frozen, batch),
+      init_state=lambda: jax.jit(init, out_shardings=shardings)(),
       abstract_state=state_lib.with_shardings(abstract, shardings),
       batches=setup.batches, mesh=setup.mesh, metadata=metadata, evaluate=lambda s: run_eval(s)[0])
   return meta

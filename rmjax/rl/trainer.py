@@ -318,12 +318,14 @@ def once_per_step(step_of):
   return decorate
 
 
-def place_frozen(frozen: it.Frozen, mesh) -> it.Frozen:
+def place_frozen(frozen: it.Frozen, mesh, *, ref_population: bool = False) -> it.Frozen:
   """The frozen models on `mesh`: reference, reward and gold params sharded like a policy's
-  (by logical axes), the normalization statistics replicated."""
-  place = lambda p: state_lib.place_params(p, mesh) if jax.tree.leaves(p) else p
+  (by logical axes), the normalization statistics replicated. ref_population: the reference is
+  stacked per population member `[P, ...]` (`rmjax.rl.population`)."""
+  place = lambda p, population=False: (state_lib.place_params(p, mesh, population=population)
+                                       if jax.tree.leaves(p) else p)
   replicate = lambda x: None if x is None else jax.device_put(x, parallel.replicated(mesh))
-  return it.Frozen(ref_params=place(frozen.ref_params), reward_params=place(frozen.reward_params),
+  return it.Frozen(ref_params=place(frozen.ref_params, ref_population), reward_params=place(frozen.reward_params),
                    stats=replicate(frozen.stats), gold_params=None if frozen.gold_params is None else
                    place(frozen.gold_params), ref_samples=replicate(frozen.ref_samples))
 

@@ -55,18 +55,22 @@ def value_and_grad(loss_fn: Callable, params: Any, batch: Any, num_micro: int) -
   return jax.tree.map(lambda t, s: t.astype(s.dtype), total, shapes)
 
 
-def check_steps(train_section, name: str = 'train') -> int:
+def check_steps(train_section, name: str = 'train', *, batch_size: int | None = None,
+                batch_field: str | None = None) -> int:
   """`train_section.grad_accum_steps` (1 when absent), checked to be a positive integer that divides
-  this process's rows of the global batch (`batch_size` / process count); else `ConfigError`."""
+  this process's rows of the global batch (`batch_size`, default `train_section.batch_size`, named
+  `batch_field` in the error, over the process count); else `ConfigError`."""
   steps = train_section.get('grad_accum_steps', 1)
   if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
     raise config_lib.ConfigError(f'config.{name}.grad_accum_steps={steps!r}: expected a positive integer.')
-  batch, processes = train_section.batch_size, jax.process_count()
+  batch = train_section.batch_size if batch_size is None else int(batch_size)
+  batch_field = batch_field or f'{name}.batch_size'
+  processes = jax.process_count()
   local = batch // processes
   if local % steps:
     raise config_lib.ConfigError(
         f'config.{name}.grad_accum_steps={steps} does not divide the per-process batch of {local} rows '
-        f'(config.{name}.batch_size={batch} over {processes} processes); choose a divisor of {local}.')
+        f'(config.{batch_field}={batch} over {processes} processes); choose a divisor of {local}.')
   return steps
 
 

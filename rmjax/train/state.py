@@ -45,35 +45,47 @@ def optimizer_shardings(optimizer: optax.GradientTransformation, abstract_opt_st
                                           transform_non_params=lambda _: parallel.replicated(mesh))
 
 
-def param_shardings(params, mesh: Mesh, *, rules: Mapping[str, parallel.MeshAxes] = parallel.RULES):
-  """NamedShardings of a parameter tree (arrays or ShapeDtypeStructs) by its logical axes
-  (`rmjax.models.partitioning.logical_axes`) under `rules`."""
-  return parallel.tree_shardings(params, partitioning.logical_axes(params), mesh, rules)
+def param_axes(params, *, population: bool = False):
+  """Logical axes of a parameter tree (`rmjax.models.partitioning.logical_axes`).
+
+  population: every leaf has a leading population axis `[P, ...]` (the members of
+  `rmjax.rl.population`); it is named 'population' and each member's dimensions are named as
+  one model's, so a member is sharded exactly like a single run's parameters.
+  """
+  if not population:
+    return partitioning.logical_axes(params)
+  member = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), params)
+  return jax.tree.map(lambda names: ('population',) + names, partitioning.logical_axes(member),
+                      is_leaf=lambda x: isinstance(x, tuple))
 
 
-def place_params(params, mesh: Mesh, *, rules: Mapping[str, parallel.MeshAxes] = parallel.RULES):
+def param_shardings(params, mesh: Mesh, *, population: bool = False,
+                    rules: Mapping[str, parallel.MeshAxes] = parallel.RULES):
+  """NamedShardings of a parameter tree (arrays or ShapeDtypeStructs) by `param_axes` under `rules`."""
+  return parallel.tree_shardings(params, param_axes(params, population=population), mesh, rules)
+
+
+def place_params(params, mesh: Mesh, *, population: bool = False,
+                 rules: Mapping[str, parallel.MeshAxes] = parallel.RULES):
   """`params` moved onto `mesh`, sharded by `param_shardings` (frozen models: references, reward models)."""
-  return jax.device_put(params, param_shardings(params, mesh, rules=rules))
+  return jax.device_put(params, param_shardings(params, mesh, population=population, rules=rules))
 
 
-def state_shardings(abstract_state, optimizer: optax.GradientTransformation, mesh: Mesh, *, param_axes=None,
-                    params: str = 'params', opt_state: str = 'opt_state',
+def state_shardings(abstract_state, optimizer: optax.GradientTransformation, mesh: Mesh, *,
+                    population: bool = False, params: str = 'params', opt_state: str = 'opt_state',
                     rules: Mapping[str, parallel.MeshAxes] = parallel.RULES):
   """NamedShardings for any state NamedTuple (`TrainState`, the RL state, ...).
 
-  The field `params` is sharded by its logical axes (`param_axes`, default
-  `partitioning.logical_axes` of it) under `rules`, the field `opt_state` like the parameters
-  it holds moments of, and every other leaf (step, rng, controller state) is replicated.
+  The field `params` is sharded by its logical axes (`param_axes`; `population`: a leading
+  member axis on every leaf of the state) under `rules`, the field `opt_state` like the
+  parameters it holds moments of, and every other leaf (step, rng, controller state) is
+  replicated.
   """
   for field in (params, opt_state):
     if not hasattr(abstract_state, field):
       raise ValueError(f'state_shardings: the state {type(abstract_state).__name__} has no field {field!r}; '
                        'name its parameter and optimizer-state fields with params= and opt_state=.')
-  abstract_params = getattr(abstract_state, params)
-  if param_axes is None:
-    shards = param_shardings(abstract_params, mesh, rules=rules)
-  else:
-    shards = parallel.tree_shardings(abstract_params, param_axes, mesh, rules)
+  shards = param_shardings(getattr(abstract_state, params), mesh, population=population, rules=rules)
   rep = parallel.replicated(mesh)
   out = jax.tree.map(lambda _: rep, abstract_state)
   return out._replace(**{params: shards,

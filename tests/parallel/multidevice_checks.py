@@ -8,7 +8,8 @@ meshes; and the per-device parameter bytes of the `small` LM on several 8-device
 (from the shardings alone, nothing allocated); the RM step with scanned, rematerialized layers
 and gradient accumulation on the meshes; and one PPO iteration (policy, value model and a
 2-member reward model all sharded) on one device and on the meshes: its metrics, sampled tokens,
-updated parameters and the policy's largest per-device byte share.
+updated parameters and the policy's largest per-device byte share; the same for a population
+of 2 PPO runs; and two DPO steps, alone and as a population of 2, in 2 microbatches on the meshes.
 """
 import json
 import os
@@ -23,10 +24,15 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from rmjax import parallel  # noqa: E402
+import optax  # noqa: E402
+
+from rmjax import objectives, parallel  # noqa: E402
+from rmjax.data import ByteTokenizer, PairBatches  # noqa: E402
 from rmjax.models import partitioning, sampling, transformer  # noqa: E402
 from rmjax.models.config import get_size  # noqa: E402
+from rmjax.rl import dpo  # noqa: E402
 from rmjax.train import checkpoint  # noqa: E402
+from rmjax.train import state as state_lib  # noqa: E402
 
 import rl_case  # noqa: E402
 import rm_case  # noqa: E402
@@ -117,6 +123,66 @@ def rl_runs():
   return out
 
 
+def rl_population_runs():
+  """One PPO iteration of a population of 2 (`rl_case.PopulationCase`) on one device and on the meshes."""
+  out = {}
+  for shape in ((1, 1, 1),) + MESHES:
+    case = rl_case.PopulationCase(parallel.make_mesh(*shape, devices=jax.devices()[:int(np.prod(shape))]))
+    state, metrics, tokens = case.run()
+    out['x'.join(map(str, shape))] = {
+        'metrics': metrics, 'tokens': np.asarray(tokens).tolist(),
+        'params': [np.asarray(x).ravel().tolist() for x in jax.tree.leaves(state.members.params)],
+        'policy_share': rm_case.param_share(state.members.params['policy'])[0]}
+  return out
+
+
+def dpo_runs():
+  """Two DPO steps of a `tiny` policy (SGD, 16 pairs of 32 tokens, 4 of them padding), alone and as a
+  population of 2 (β 0.05 and 0.5, each member its own initial policy and pair order, one shared
+  reference): plainly on one device, in 2 microbatches on the meshes."""
+  cfg = get_size('tiny')
+  ref = transformer.init_lm(jax.random.key(0), cfg)
+  # Host copies: a device_put onto the device they live on would alias them, and the steps donate.
+  policies = [jax.device_get(transformer.init_lm(jax.random.key(k), cfg)) for k in (5, 6)]
+  pairs = PairBatches(dpo.toy_pairs(28, seed=0, letter='e', grammar_seed=0), ByteTokenizer(), seq_len=32,
+                      global_batch_size=16, seed=0, drop_remainder=False)
+  batches = [pairs[0], pairs[1]]
+  section = {'preference_loss': 'dpo', 'dpo': {'beta': 0.1, 'label_smoothing': 0.0}}
+  values = {'objective.dpo.beta': np.asarray([0.05, 0.5], np.float32)}
+  optimizer = optax.sgd(0.5)
+  loss_fn = objectives.build(section).preference_loss
+  out = {}
+  for shape in ((1, 1, 1),) + MESHES:
+    mesh = parallel.make_mesh(*shape, devices=jax.devices()[:int(np.prod(shape))])
+    accum = 1 if shape == (1, 1, 1) else 2
+    placed_ref = state_lib.place_params(ref, mesh)
+    single = state_lib.create(policies[0], optimizer, jax.random.key(1))
+    shardings = state_lib.state_shardings(single, optimizer, mesh)
+    state = jax.device_put(single, shardings)
+    step = dpo.make_train_step(cfg, loss_fn, optimizer, grad_accum_steps=accum, state_shardings=shardings)
+    single_metrics = []
+    for b in batches:
+      state, m = step(state, placed_ref, parallel.global_batch(b, mesh))
+      single_metrics.append({k: float(v) for k, v in jax.device_get(m).items()})
+    stacked = jax.tree.map(lambda *xs: np.stack(xs), *[state_lib.create(p, optimizer, jax.random.key(1))
+                                                        for p in policies])
+    pshardings = state_lib.state_shardings(stacked, optimizer, mesh, population=True)
+    states = jax.device_put(stacked, pshardings)
+    pop_step, _ = dpo.population_functions(cfg, section, optimizer, ref_axis=None, grad_accum_steps=accum)
+    pop_step = jax.jit(pop_step, donate_argnums=(0,), out_shardings=(pshardings, None))
+    pop_metrics = []
+    for s in range(2):
+      member_rows = {k: np.stack([batches[s][k], batches[1 - s][k]], axis=1) for k in batches[s]}
+      states, m = pop_step(states, placed_ref, values, parallel.global_batch(member_rows, mesh))
+      pop_metrics.append({k: float(v) for k, v in jax.device_get(m).items()})
+    out['x'.join(map(str, shape))] = {
+        'single': single_metrics, 'population': pop_metrics,
+        'single_params': [np.asarray(x).ravel().tolist() for x in jax.tree.leaves(state.params)],
+        'population_params': [np.asarray(x).ravel().tolist() for x in jax.tree.leaves(states.params)],
+        'single_share': rm_case.param_share(state.params)[0], 'population_share': rm_case.param_share(states.params)[0]}
+  return out
+
+
 def main():
   assert jax.device_count() == 8, jax.devices()
   with tempfile.TemporaryDirectory() as tmp:
@@ -125,6 +191,8 @@ def main():
   out['samples'] = sample_runs()
   out['small_param_bytes'] = small_param_bytes()
   out['rl'] = rl_runs()
+  out['rl_population'] = rl_population_runs()
+  out['dpo'] = dpo_runs()
   print(json.dumps(out))
 
 

@@ -14,7 +14,7 @@ from rmjax.models import transformer
 from rmjax.models.config import get_size
 from rmjax.models.reward_model import RewardModel
 from rmjax.rl import iteration as it
-from rmjax.rl import trainer
+from rmjax.rl import population, trainer
 from rmjax.train import state as state_lib
 
 SECTION = dict(reward='mean,kl_penalty', kl_penalty=dict(beta=0.05), advantage='gae', loss='ppo_clip,value')
@@ -31,25 +31,32 @@ def prompts():
           'prompt_mask': mask}
 
 
+CFG = get_size('tiny')
+SETTINGS = it.Settings(group_size=2, max_new_tokens=8, temperature=0.7, top_k=32, eos_id=1, pad_id=0, minibatches=2)
+OPTIMIZER = optax.sgd(0.1)
+REWARD_MODEL = RewardModel(CFG, num_members=2, kind='full')
+
+
+def init_state(policy_key, state_key):
+  """A fresh RL state whose policy (and reference) comes from `policy_key`: (state, reference params)."""
+  policy = transformer.init_lm(policy_key, CFG)
+  state = it.init_state(it.init_params(jax.random.key(2), policy, CFG), OPTIMIZER, state_key, objectives.build(SECTION))
+  return state, policy
+
+
 class Case:
   """State shardings, placed frozen models and the jitted iteration on `mesh`."""
 
   def __init__(self, mesh):
     self.mesh = mesh
-    cfg = get_size('tiny')
-    rm = RewardModel(cfg, num_members=2, kind='full')
-    settings = it.Settings(group_size=2, max_new_tokens=8, temperature=0.7, top_k=32, eos_id=1, pad_id=0,
-                           minibatches=2)
-    optimizer = optax.sgd(0.1)
-    policy = transformer.init_lm(jax.random.key(1), cfg)
-    objective = objectives.build(SECTION)
-    self.init = lambda: it.init_state(it.init_params(jax.random.key(2), policy, cfg), optimizer,
-                                      jax.random.key(3), objective)
+    self.init = lambda: init_state(jax.random.key(1), jax.random.key(3))[0]
     self.abstract = jax.eval_shape(self.init)
-    self.shardings = state_lib.state_shardings(self.abstract, optimizer, mesh)
+    self.shardings = state_lib.state_shardings(self.abstract, OPTIMIZER, mesh)
     self.target = state_lib.with_shardings(self.abstract, self.shardings)
-    self.frozen = trainer.place_frozen(it.Frozen(ref_params=policy, reward_params=rm.init(jax.random.key(4))), mesh)
-    fns = it.make_functions(cfg, SECTION, settings, rm.apply, optimizer, value_config=cfg)
+    policy = transformer.init_lm(jax.random.key(1), CFG)
+    self.frozen = trainer.place_frozen(
+        it.Frozen(ref_params=policy, reward_params=REWARD_MODEL.init(jax.random.key(4))), mesh)
+    fns = it.make_functions(CFG, SECTION, SETTINGS, REWARD_MODEL.apply, OPTIMIZER, value_config=CFG)
     self.step = jax.jit(fns.iteration_samples, donate_argnums=(0,), out_shardings=(self.shardings, None, None))
 
   def fresh(self):
@@ -62,3 +69,30 @@ class Case:
     state, metrics, samples = self.step(state, self.frozen, parallel.global_batch(local, self.mesh))
     metrics = jax.device_get(metrics)
     return state, {k: float(metrics[k]) for k in METRICS}, samples.tokens
+
+
+class PopulationCase:
+  """The same iteration for a population of 2 (`rmjax.rl.population`): fresh policies of two seeds,
+  each its own reference (stacked), KL coefficients 0.02 and 0.1, sharded by `population_shardings`."""
+
+  BETA = 'objective.kl_penalty.beta'
+
+  def __init__(self, mesh):
+    self.mesh = mesh
+    policy_keys, state_keys = jax.random.split(jax.random.key(1)), jax.random.split(jax.random.key(3))
+    values = {self.BETA: np.asarray([0.02, 0.1], np.float32)}
+    self.init = lambda: population.PopulationState(jax.vmap(init_state)(policy_keys, state_keys)[0], values)
+    self.shardings = population.population_shardings(jax.eval_shape(self.init), OPTIMIZER, mesh)
+    refs = jax.vmap(lambda k: transformer.init_lm(k, CFG))(policy_keys)
+    self.frozen = trainer.place_frozen(it.Frozen(ref_params=refs, reward_params=REWARD_MODEL.init(jax.random.key(4))),
+                                       mesh, ref_population=True)
+    iteration, _ = population.make_population_functions(CFG, SECTION, SETTINGS, REWARD_MODEL.apply, OPTIMIZER,
+                                                        value_config=CFG, ref_axis=0)
+    self.step = jax.jit(iteration, donate_argnums=(0,), out_shardings=(self.shardings, None, None))
+
+  def run(self):
+    """One iteration from the fresh population: (state, metrics {name: [P]}, tokens [P, 8·2, 16])."""
+    state = jax.jit(self.init, out_shardings=self.shardings)()
+    state, metrics, samples = self.step(state, self.frozen, parallel.global_batch(prompts(), self.mesh))
+    metrics = jax.device_get(metrics)
+    return state, {k: np.asarray(metrics[k]).tolist() for k in METRICS}, samples.tokens

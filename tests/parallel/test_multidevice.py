@@ -1,6 +1,7 @@
-"""On 8 forced CPU devices: the RM step, sampling and a PPO iteration match one device under
-data x fsdp x tensor meshes, parameters are sharded over fsdp (and tensor), and a checkpoint
-moves between meshes."""
+"""On 8 forced CPU devices: the RM step, sampling, a PPO iteration (alone and as a population) and
+DPO steps (alone and as a population, in microbatches) match one device under data x fsdp x
+tensor meshes, parameters are sharded over fsdp (and tensor), and a checkpoint moves between
+meshes."""
 import json
 import pathlib
 import subprocess
@@ -76,3 +77,34 @@ def test_rl_iteration_matches_single_device(results, mesh, split):
   for a, b in zip(rl[mesh]['params'], rl['1x1x1']['params']):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   assert 1 / split <= rl[mesh]['policy_share'] <= 1 / split + 0.02
+
+
+@pytest.mark.parametrize('mesh,split', [('2x4x1', 4), ('1x4x2', 8)])
+def test_rl_population_iteration_matches_single_device(results, mesh, split):
+  # Two members (own seeds and references, KL coefficients 0.02 and 0.1), one vmapped iteration:
+  # the same tolerances as a single run, and each member's policy split over fsdp (and tensor)
+  # with the population axis whole.
+  rl = results['rl_population']
+  assert rl[mesh]['tokens'] == rl['1x1x1']['tokens']
+  assert abs(rl['1x1x1']['metrics']['loss'][0] - rl['1x1x1']['metrics']['loss'][1]) > 1e-3  # the members differ
+  for k, v in rl['1x1x1']['metrics'].items():
+    np.testing.assert_allclose(rl[mesh]['metrics'][k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+  for a, b in zip(rl[mesh]['params'], rl['1x1x1']['params']):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert 1 / split <= rl[mesh]['policy_share'] <= 1 / split + 0.02
+  assert rl['1x1x1']['policy_share'] == 1.0
+
+
+@pytest.mark.parametrize('mesh,split', [('2x4x1', 4), ('1x4x2', 8)])
+@pytest.mark.parametrize('run', ['single', 'population'])
+def test_dpo_steps_in_microbatches_match_plain_single_device(results, mesh, split, run):
+  # Two SGD steps; on the meshes each step runs as 2 microbatches. The loss divides by the whole
+  # batch's weight, so metrics and parameters agree to 1e-5 (float sums reordered).
+  d = results['dpo']
+  for got, want in zip(d[mesh][run], d['1x1x1'][run]):
+    for k, v in want.items():
+      np.testing.assert_allclose(got[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+  for a, b in zip(d[mesh][f'{run}_params'], d['1x1x1'][f'{run}_params']):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert d['1x1x1'][run][1]['loss'] < d['1x1x1'][run][0]['loss']  # it learns
+  assert 1 / split <= d[mesh][f'{run}_share'] <= 1 / split + 0.02

@@ -41,6 +41,33 @@ def test_loss_at_the_reference_policy(loss):
   assert float(metrics['grad_norm']) > 0
 
 
+def test_gradient_accumulation_matches_one_batch():
+  # 8 pairs, the last 3 padding (weight 0), as 1, 2 or 4 microbatches: the weighted mean is over the
+  # whole batch's weight, so the metrics and the updated parameters agree to float rounding (1e-6),
+  # and the microbatches are unequal in weight (2 of 4 hold padding), so a mean of per-microbatch
+  # means would differ.
+  config = dpo.get_config('test')
+  model = dpo.config_lib.model_config(config.policy.model, vocab_size=259)
+  ref = transformer.init_lm(jax.random.key(0), model)
+  policy = transformer.init_lm(jax.random.key(5), model)
+  pairs = PairBatches(dpo.toy_pairs(5, seed=0, letter='e', grammar_seed=0), ByteTokenizer(), seq_len=48,
+                      global_batch_size=8, seed=0, drop_remainder=False)[0]
+  assert pairs['weight'].tolist() == [1] * 5 + [0] * 3
+  loss_fn = objectives.build(config.objective).preference_loss
+  optimizer = optax.sgd(0.5)
+  out = {}
+  for n in (1, 2, 4):
+    step = dpo.make_train_step(model, loss_fn, optimizer, grad_accum_steps=n)
+    state, metrics = step(state_lib.create(jax.tree.map(np.array, policy), optimizer, jax.random.key(1)), ref, pairs)
+    out[n] = (jax.device_get(metrics), jax.device_get(state.params))
+  assert abs(out[1][0]['margin']) > 1e-3  # π ≠ π_ref: the margins are not all zero
+  for n in (2, 4):
+    for k, v in out[1][0].items():
+      np.testing.assert_allclose(out[n][0][k], v, rtol=1e-6, atol=1e-7, err_msg=k)
+    for a, b in zip(jax.tree.leaves(out[n][1]), jax.tree.leaves(out[1][1])):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_a_few_steps_learn_the_toy_preference(straight):
   rows = read_metrics(straight / 'metrics.jsonl')
   evals = [r for r in rows if 'eval/accuracy' in r]
@@ -72,6 +99,10 @@ def test_bad_config_raises():
   config = dpo.get_config('test')
   config.data.source = 'tfds'
   with pytest.raises(dpo.config_lib.ConfigError, match='data.path'):
+    dpo.validate(config)
+  config = dpo.get_config('test')
+  config.train.grad_accum_steps = 3
+  with pytest.raises(dpo.config_lib.ConfigError, match='data.batch_size=16'):
     dpo.validate(config)
   with pytest.raises(ValueError, match='unknown variant'):
     dpo.get_config('test,kto')
