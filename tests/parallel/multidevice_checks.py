@@ -137,8 +137,8 @@ def rl_population_runs():
 
 
 def dpo_runs():
-  """Two DPO steps of a `tiny` policy (SGD, 16 pairs of 32 tokens, 4 of them padding), alone and as a
-  population of 2 (β 0.05 and 0.5, each member its own initial policy and pair order, one shared
+  """Two DPO steps of a `tiny` policy (SGD, batches of 16 pairs of 32 tokens, the second with 4
+  padding rows), alone and as a population of 2 (β 0.05 and 0.5, each member its own initial policy and pair order, one shared
   reference): plainly on one device, in 2 microbatches on the meshes."""
   cfg = get_size('tiny')
   ref = transformer.init_lm(jax.random.key(0), cfg)
