@@ -138,8 +138,9 @@ def rl_population_runs():
 
 def dpo_runs():
   """Two DPO steps of a `tiny` policy (SGD, batches of 16 pairs of 32 tokens, the second with 4
-  padding rows), alone and as a population of 2 (β 0.05 and 0.5, each member its own initial policy and pair order, one shared
-  reference): plainly on one device, in 2 microbatches on the meshes."""
+  padding rows), alone and as a population of 2 (β 0.05 and 0.5, each member its own initial
+  policy and pair order, one shared reference): plainly on one device, in 2 microbatches on the
+  meshes."""
   cfg = get_size('tiny')
   ref = transformer.init_lm(jax.random.key(0), cfg)
   # Host copies: a device_put onto the device they live on would alias them, and the steps donate.
