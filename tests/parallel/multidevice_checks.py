@@ -18,7 +18,11 @@ import sys
 import tempfile
 
 assert 'jax' not in sys.modules
-os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+# 8 device threads share 2 cores: a collective's participants can arrive far apart, and XLA:CPU
+# aborts a collective that waits longer than 40 s by default.
+os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + (
+    ' --xla_force_host_platform_device_count=8 --xla_cpu_collective_call_terminate_timeout_seconds=540'
+    ' --xla_cpu_collective_timeout_seconds=540')
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 import jax  # noqa: E402
