@@ -38,10 +38,9 @@ REWARD_MODEL = RewardModel(CFG, num_members=2, kind='full')
 
 
 def init_state(policy_key, state_key):
-  """A fresh RL state whose policy (and reference) comes from `policy_key`: (state, reference params)."""
+  """A fresh RL state whose policy (the reference's copy) comes from `policy_key`."""
   policy = transformer.init_lm(policy_key, CFG)
-  state = it.init_state(it.init_params(jax.random.key(2), policy, CFG), OPTIMIZER, state_key, objectives.build(SECTION))
-  return state, policy
+  return it.init_state(it.init_params(jax.random.key(2), policy, CFG), OPTIMIZER, state_key, objectives.build(SECTION))
 
 
 class Case:
@@ -49,7 +48,7 @@ class Case:
 
   def __init__(self, mesh):
     self.mesh = mesh
-    self.init = lambda: init_state(jax.random.key(1), jax.random.key(3))[0]
+    self.init = lambda: init_state(jax.random.key(1), jax.random.key(3))
     self.abstract = jax.eval_shape(self.init)
     self.shardings = state_lib.state_shardings(self.abstract, OPTIMIZER, mesh)
     self.target = state_lib.with_shardings(self.abstract, self.shardings)
@@ -81,7 +80,7 @@ class PopulationCase:
     self.mesh = mesh
     policy_keys, state_keys = jax.random.split(jax.random.key(1)), jax.random.split(jax.random.key(3))
     values = {self.BETA: np.asarray([0.02, 0.1], np.float32)}
-    self.init = lambda: population.PopulationState(jax.vmap(init_state)(policy_keys, state_keys)[0], values)
+    self.init = lambda: population.PopulationState(jax.vmap(init_state)(policy_keys, state_keys), values)
     self.shardings = population.population_shardings(jax.eval_shape(self.init), OPTIMIZER, mesh)
     refs = jax.vmap(lambda k: transformer.init_lm(k, CFG))(policy_keys)
     self.frozen = trainer.place_frozen(it.Frozen(ref_params=refs, reward_params=REWARD_MODEL.init(jax.random.key(4))),
