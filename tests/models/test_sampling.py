@@ -254,3 +254,66 @@ def test_nucleus_keeps_all_of_a_tie_at_its_edge():
   z = jnp.log(jnp.asarray([[0.2, 0.4, 0.2, 0.2]], jnp.float32))
   np.testing.assert_array_equal(np.asarray(sampling._nucleus(z, jnp.float32(0.5))), [[True, True, True, True]])
   np.testing.assert_array_equal(np.asarray(sampling._nucleus(z, jnp.float32(0.39))), [[False, True, False, False]])
+
+
+def _frequencies(draws: np.ndarray, v: int) -> np.ndarray:
+  """draws [n, B] -> empirical frequencies [B, v]."""
+  return np.stack([np.bincount(draws[:, b], minlength=v) for b in range(draws.shape[1])]) / draws.shape[0]
+
+
+def _assert_follows(freq: np.ndarray, p: np.ndarray, n: int):
+  """Each frequency within 5 binomial standard deviations (+1/n) of its probability; zero
+  probabilities never drawn."""
+  bound = 5 * np.sqrt(p * (1 - p) / n) + 1 / n
+  assert np.all(np.abs(freq - p) <= bound), np.max(np.abs(freq - p) - bound)
+  assert np.all(freq[p == 0] == 0)
+
+
+def test_two_level_draw_follows_the_weights():
+  """`_draw` over 200k keys against the normalised weights: V = 37 (not a multiple of the
+  block size 8, so the last block is padded), zero weights (also a whole zero block and a
+  zero first entry), weights spanning 6 orders of magnitude, and one-hot rows."""
+  rng = np.random.default_rng(0)
+  w = rng.exponential(size=(5, 37)).astype(np.float32)
+  w[0, :8] = 0.0                      # a whole block of zeros, and a zero first weight
+  w[1, ::3] = 0.0
+  w[2] = np.exp(rng.uniform(-14, 0, 37)).astype(np.float32)
+  w[3] = 0.0
+  w[3, 36] = 2.0                      # all mass on the last, padded block
+  w[4] = 0.0
+  w[4, 0] = 1e-3                      # all mass on the first index
+  n = 200_000
+  draws = jax.jit(jax.vmap(lambda k: sampling._draw(k, jnp.asarray(w))))(jax.random.split(jax.random.key(0), n))
+  p = w.astype(np.float64) / w.sum(-1, keepdims=True)
+  _assert_follows(_frequencies(np.asarray(draws), 37), p, n)
+
+
+@pytest.mark.parametrize('top_k, top_p', [(0, 1.0), (0, 0.7), (6, 0.9)])
+def test_choose_draws_the_truncated_distribution(top_k, top_p):
+  """`_choose` at T = 0.8 over 100k keys: token frequencies against the numpy truncated,
+  renormalised distribution (`_truncated_reference`, 5 binomial std), and the returned
+  log-probs equal that distribution's and the untruncated policy's (1e-5)."""
+  rng = np.random.default_rng(1)
+  logits = (rng.standard_normal((4, 50)) * 2).astype(np.float32)
+  t = 0.8
+  choose = jax.jit(jax.vmap(lambda k: sampling._choose(jnp.asarray(logits), k, jnp.float32(t), jnp.float32(top_p),
+                                                       top_k, top_p < 1.0)))
+  n = 100_000
+  tokens, lp, plp = (np.asarray(x) for x in choose(jax.random.split(jax.random.key(1), n)))
+  refs = [_truncated_reference(logits[b], t, top_k or 50, top_p) for b in range(4)]
+  assert top_p == 1.0 or min(margin for _, margin in refs) > 1e-4  # no nucleus edge within rounding
+  want = np.stack([np.exp(ref) for ref, _ in refs])
+  _assert_follows(_frequencies(tokens, 50), want, n)
+  policy = logits.astype(np.float64) / t
+  policy = policy - policy.max(-1, keepdims=True)
+  policy -= np.log(np.exp(policy).sum(-1, keepdims=True))
+  for b in range(4):
+    np.testing.assert_allclose(lp[:1000, b], refs[b][0][tokens[:1000, b]], atol=1e-5)
+    np.testing.assert_allclose(plp[:1000, b], policy[b, tokens[:1000, b]], atol=1e-5)
+
+
+def test_first_max_is_argmax_with_ties_to_the_first():
+  z = jnp.asarray([[0.0, 3.0, 3.0, 1.0], [-1.0, -1.0, -2.0, -5.0], [2.0, 0.0, 0.0, 2.0]], jnp.float32)
+  np.testing.assert_array_equal(np.asarray(sampling._first_max(z)), [1, 0, 0])
+  z = jax.random.normal(jax.random.key(0), (64, 1000))
+  np.testing.assert_array_equal(np.asarray(sampling._first_max(z)), np.asarray(jnp.argmax(z, -1)))
