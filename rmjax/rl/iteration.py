@@ -24,6 +24,12 @@ metrics)` (state donated, static shapes) whose single XLA program holds
      whole rollout divided by `minibatches` (`rmjax.objectives.reduction`), so each token has
      the same weight in every step whatever the split (`../shared/PITFALLS.md` #4).
 
+With one epoch of one minibatch (and no value model) steps 2 and 6 share the policy's forward
+pass: `jax.vjp` of the policy's response logits gives the log-probs of step 2 and, once the
+loss's gradient with respect to those logits is known, the update's parameter gradient, so the
+policy runs forward once per iteration, as in a trainer that takes the old log-probs from its
+own update (`make_functions(one_pass=False)` keeps the separate pass).
+
 The sampler's `policy_logprobs` agree with the trainer's no-cache recomputation of the same
 quantity to float32 rounding (metric `logp_mismatch`: max |Δ| / max(|log p|, 1), a few ulps,
 whatever the temperature and truncation). The "old" log-probs of the PPO ratio are the
@@ -260,8 +266,13 @@ def init_params(rng: jax.Array, policy_params: Any, value_config: ModelConfig | 
 
 def make_functions(policy_config: ModelConfig, objective_section: Any, settings: Settings, scorer: Scorer,
                    optimizer: optax.GradientTransformation, *, value_config: ModelConfig | None = None,
-                   gold_scorer: Scorer | None = None):
+                   gold_scorer: Scorer | None = None, one_pass: bool = True):
   """The pure pieces of an iteration as `Functions`, none jitted.
+
+  one_pass: with one epoch, one minibatch and no value model, the rollout's log π_T (the "old"
+    log-probs, the reward chain's log π, the entropy and KL metrics) come from the update's own
+    forward pass (`jax.vjp`), so the policy runs forward once per iteration instead of twice;
+    the update is the same (the ratio is exactly 1). False keeps the separate pass (for checks).
 
   iteration(state, frozen, batch) -> (state, metrics); batch: `prompt_tokens [P, Lp]` int32,
     `prompt_mask [P, Lp]` bool (left-padded), optional `prompt_ids [P]` int32.
@@ -300,8 +311,13 @@ def make_functions(policy_config: ModelConfig, objective_section: Any, settings:
   def minibatch_loss(params, ro: Rollout, normalizer):
     prompt_len = ro.tokens.shape[1] - ro.response_mask.shape[1]
     logits = policy_logits(params['policy'], ro.tokens, ro.mask, prompt_len)
-    logp = picked(jax.nn.log_softmax(logits, -1), ro.tokens[:, prompt_len:], ro.response_mask)
     values = response_values(params['value'], ro.tokens, ro.mask, prompt_len) if use_value else None
+    return logits_loss(logits, values, ro, normalizer)
+
+  def logits_loss(logits, values, ro: Rollout, normalizer):
+    """The reduced loss of the rows of `ro` as a function of the policy's response logits `[b, N, V]`."""
+    prompt_len = ro.tokens.shape[1] - ro.response_mask.shape[1]
+    logp = picked(jax.nn.log_softmax(logits, -1), ro.tokens[:, prompt_len:], ro.response_mask)
     m = ro.response_mask.astype(jnp.float32)
     batch = PolicyBatch(logp=logp, mask=m, advantages=ro.advantages, old_logp=ro.old_logp, ref_logp=ro.ref_logp,
                         values=values, old_values=ro.old_values, returns=ro.returns, logits=logits,
@@ -316,6 +332,16 @@ def make_functions(policy_config: ModelConfig, objective_section: Any, settings:
       aux['clip_fraction'] = (piece_metrics['clipped'] * m).sum() / n_tok
     return loss, aux
 
+  def stats_of(logits, ref_params, tokens, mask, prompt_len):
+    """`token_stats` given the policy's response logits `[b, N, V]`: the reference runs here."""
+    resp, rmask = tokens[:, prompt_len:], mask[:, prompt_len:]
+    lp = jax.nn.log_softmax(logits, -1)
+    ref_logits = policy_logits(ref_params, tokens, mask, prompt_len)
+    ref = jax.nn.log_softmax(ref_logits, -1)
+    p = jnp.exp(lp)
+    return (picked(lp, resp, rmask), picked(ref, resp, rmask), -(p * lp).sum(-1), (p * (lp - ref)).sum(-1),
+            ref_logits if need_ref_logits else None)
+
   def token_stats(policy_params, ref_params, tokens, mask, prompt_len):
     """Per response token `[B, N]`: log π_T, log π_ref,T, entropy and exact KL(π_T‖π_ref,T) of the
     next-token distributions, and the reference logits (when a loss needs them). Computed in
@@ -325,19 +351,14 @@ def make_functions(policy_config: ModelConfig, objective_section: Any, settings:
 
     def chunk(args):
       tok, msk = args
-      resp, rmask = tok[:, prompt_len:], msk[:, prompt_len:]
-      lp = jax.nn.log_softmax(policy_logits(policy_params, tok, msk, prompt_len), -1)
-      ref_logits = policy_logits(ref_params, tok, msk, prompt_len)
-      ref = jax.nn.log_softmax(ref_logits, -1)
-      p = jnp.exp(lp)
-      return (picked(lp, resp, rmask), picked(ref, resp, rmask), -(p * lp).sum(-1), (p * (lp - ref)).sum(-1),
-              ref_logits if need_ref_logits else None)
+      return stats_of(policy_logits(policy_params, tok, msk, prompt_len), ref_params, tok, msk, prompt_len)
 
     split = lambda x: x.reshape(s.minibatches, b // s.minibatches, *x.shape[1:])
     out = jax.lax.map(chunk, (split(tokens), split(mask)))
     return jax.tree.map(lambda x: x.reshape(b, *x.shape[2:]), out)
 
-  def rollout(state: RLState, frozen: Frozen, batch, key):
+  def draw(state: RLState, batch, key):
+    """The sampled rollout: (tokens [B, Lp + N], mask [B, Lp + N], the sampler's output)."""
     rows = batch['prompt_tokens'].shape[0] * s.group_size
     if rows % s.minibatches:
       raise ValueError(f'rl iteration: {rows} rollout rows (prompts × group_size) are not a multiple of '
@@ -350,10 +371,19 @@ def make_functions(policy_config: ModelConfig, objective_section: Any, settings:
                           eos_id=s.eos_id, pad_id=s.pad_id)
     tokens = jnp.concatenate([prompt_tokens, out.tokens], axis=1)
     mask = jnp.concatenate([prompt_mask, out.mask], axis=1)
+    return tokens, mask, out
+
+  def rollout(state: RLState, frozen: Frozen, batch, key):
+    tokens, mask, out = draw(state, batch, key)
+    stats = token_stats(state.params['policy'], frozen.ref_params, tokens, mask, batch['prompt_tokens'].shape[1])
+    return finish(state, frozen, batch, tokens, mask, out, stats)
+
+  def finish(state: RLState, frozen: Frozen, batch, tokens, mask, out, stats):
+    """Scores, rewards, advantages and metrics of a drawn rollout with its `token_stats`."""
+    prompt_len = batch['prompt_tokens'].shape[1]
     rmask, m = out.mask, out.mask.astype(jnp.float32)
     resp = out.tokens
-    old_logp, ref_logp, entropy, kl_exact, ref_logits = token_stats(state.params['policy'], frozen.ref_params,
-                                                                    tokens, mask, prompt_len)
+    old_logp, ref_logp, entropy, kl_exact, ref_logits = stats
     scores = scorer(frozen.reward_params, tokens, mask)
     if scores.ndim != 2 or scores.shape[1] != tokens.shape[0]:
       raise ValueError(f'rl iteration: the scorer must return [K, B] = (K, {tokens.shape[0]}) scores; '
@@ -404,21 +434,27 @@ def make_functions(policy_config: ModelConfig, objective_section: Any, settings:
     _, _, _, metrics, samples = rollout(state, frozen, batch, key)
     return metrics, samples
 
+  def normalizer_of(ro: Rollout):
+    m = ro.response_mask.astype(jnp.float32)
+    return objectives.batch_normalizer(m, objective.reduction) / s.minibatches
+
+  def step(carry, loss_and_grads):
+    (params, opt_state), ((loss, aux), grads) = carry, loss_and_grads
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), dict(aux, loss=loss, grad_norm=optax.tree.norm(grads))
+
   def iteration_samples(state: RLState, frozen: Frozen, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     sample_key, shuffle_key = jax.random.split(key)
+    if one_pass and s.epochs == s.minibatches == 1 and not use_value:
+      return one_pass_iteration(state, frozen, batch, sample_key)
     ro, reward_state, advantage_state, metrics, samples = rollout(state, frozen, batch, sample_key)
     b = ro.tokens.shape[0]
-    normalizer = objectives.batch_normalizer(ro.response_mask.astype(jnp.float32), objective.reduction)
-    normalizer = normalizer / s.minibatches
+    normalizer = normalizer_of(ro)
     grad_fn = jax.value_and_grad(minibatch_loss, has_aux=True)
 
     def update(carry, mb):
-      params, opt_state = carry
-      (loss, aux), grads = grad_fn(params, mb, normalizer)
-      updates, opt_state = optimizer.update(grads, opt_state, params)
-      params = optax.apply_updates(params, updates)
-      return (params, opt_state), dict(aux, loss=loss, grad_norm=optax.tree.norm(grads))
+      return step(carry, grad_fn(carry[0], mb, normalizer))
 
     def epoch(carry, epoch_key):
       perm = jax.random.permutation(epoch_key, b)
@@ -429,9 +465,27 @@ def make_functions(policy_config: ModelConfig, objective_section: Any, settings:
                                                  jax.random.split(shuffle_key, s.epochs))
     metrics.update({k: v.mean() for k, v in per_step.items() if k != 'ratio_dev'})
     metrics['ratio_dev_first'] = per_step['ratio_dev'][0, 0]
-    new_state = RLState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng,
-                        reward_state=reward_state, advantage_state=advantage_state)
-    return new_state, metrics, samples
+    return advanced(state, params, opt_state, reward_state, advantage_state), metrics, samples
+
+  def one_pass_iteration(state: RLState, frozen: Frozen, batch, key):
+    """One epoch of one minibatch with a single policy forward pass: its logits give the rollout's
+    statistics, its pullback the update's gradient (see `one_pass`). The rows keep their order
+    (one minibatch of all B rows: the loss does not depend on it)."""
+    tokens, mask, out = draw(state, batch, key)
+    prompt_len = batch['prompt_tokens'].shape[1]
+    logits, pullback = jax.vjp(lambda w: policy_logits(w, tokens, mask, prompt_len), state.params['policy'])
+    stats = stats_of(logits, frozen.ref_params, tokens, mask, prompt_len)
+    ro, reward_state, advantage_state, metrics, samples = finish(state, frozen, batch, tokens, mask, out, stats)
+    (loss, aux), logit_grads = jax.value_and_grad(logits_loss, has_aux=True)(logits, None, ro, normalizer_of(ro))
+    (params, opt_state), step_metrics = step((state.params, state.opt_state),
+                                             ((loss, aux), {'policy': pullback(logit_grads)[0]}))
+    metrics.update({k: v for k, v in step_metrics.items() if k != 'ratio_dev'})
+    metrics['ratio_dev_first'] = step_metrics['ratio_dev']
+    return advanced(state, params, opt_state, reward_state, advantage_state), metrics, samples
+
+  def advanced(state: RLState, params, opt_state, reward_state, advantage_state) -> RLState:
+    return RLState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng,
+                   reward_state=reward_state, advantage_state=advantage_state)
 
   def iteration(state: RLState, frozen: Frozen, batch):
     new_state, metrics, _ = iteration_samples(state, frozen, batch)
