@@ -365,7 +365,6 @@ def make_functions(policy_config: ModelConfig, objective_section: Any, settings:
                        f'minibatches={s.minibatches}.')
     prompt_tokens = jnp.repeat(batch['prompt_tokens'], s.group_size, axis=0)
     prompt_mask = jnp.repeat(batch['prompt_mask'].astype(bool), s.group_size, axis=0)
-    prompt_len = prompt_tokens.shape[1]
     out = sampling.sample(state.params['policy'], policy_config, prompt_tokens, prompt_mask, key,
                           max_new_tokens=s.max_new_tokens, temperature=temp, top_k=s.top_k, top_p=s.top_p,
                           eos_id=s.eos_id, pad_id=s.pad_id)
