@@ -26,6 +26,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,25 @@ class Proc:
       self.p.kill()
       self.p.wait()
     self.log.close()
+
+
+def cpu_seconds(pid: int) -> float:
+  """User + system CPU seconds of a process, all its threads, from /proc/<pid>/stat."""
+  fields = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()
+  return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
+def wait_idle(pids: list[int], window: float = 0.25, busy: float = 0.05, limit: float = 60.0) -> float:
+  """Waits until the processes `pids` together use under `busy` of one core over `window` seconds
+  (a trainer's background thread, or a thread pool spinning after its work, would otherwise run
+  during another framework's timed round); returns the seconds waited, at most `limit`."""
+  start = time.perf_counter()
+  while time.perf_counter() - start < limit:
+    before = sum(cpu_seconds(p) for p in pids)
+    time.sleep(window)
+    if sum(cpu_seconds(p) for p in pids) - before < busy * window:
+      break
+  return time.perf_counter() - start
 
 
 def loadavg() -> float:
@@ -137,9 +157,11 @@ def run_workload(w: dict, frameworks: list[str], args, log_dir: Path) -> dict:
                            f'(tolerances {tols}); the frameworks do not run the same model.')
     steps = {f: steps_for(procs[f].call('time', steps=1)['times'][0], args.round_seconds) for f in frameworks}
     rounds = {f: [] for f in frameworks}
+    idle_wait = {f: 0.0 for f in frameworks}
     for r in range(args.repeats):
       order = frameworks[r % len(frameworks):] + frameworks[:r % len(frameworks)]
       for f in order:
+        idle_wait[f] += wait_idle([procs[o].p.pid for o in frameworks if o != f])
         res = procs[f].call('time', steps=steps[f])
         rounds[f].append(res['times'])
         setup[f]['peak_rss_mb'] = res['peak_rss_mb']
@@ -158,7 +180,8 @@ def run_workload(w: dict, frameworks: list[str], args, log_dir: Path) -> dict:
     all_times = [t for rnd in rounds[f] for t in rnd]
     rec = dict(stats(all_times), framework=setup[f].get('framework', f), compile_s=setup[f].get('compile_s'),
                first_steps_s=setup[f].get('first_steps_s'), peak_rss_mb=setup[f]['peak_rss_mb'],
-               check=checks[f], steps_per_round=steps[f], round_medians_s=[float(np.median(r)) for r in rounds[f]])
+               check=checks[f], steps_per_round=steps[f], round_medians_s=[float(np.median(r)) for r in rounds[f]],
+               idle_wait_s=idle_wait[f])
     if w.get('tokens'):
       rec['tokens_per_s'] = w['tokens'] / rec['median_s']
     if w.get('flops'):
@@ -186,6 +209,8 @@ def print_workload(r: dict) -> None:
     tok = f'{rec["tokens_per_s"]:9.0f} tok/s' if 'tokens_per_s' in rec else ''
     fl = f'{rec["gflops_per_s"]:6.1f} GFLOP/s' if 'gflops_per_s' in rec else ''
     frac = f' ({rec["dot_fraction"]:.0%} of dot)' if 'dot_fraction' in rec else ''
+    if rec.get('idle_wait_s', 0) > 1:
+      extra += f'  (waited {rec["idle_wait_s"]:.0f}s for the other workers to go idle)'
     print(f'  {f:6s} {rec["median_s"] * 1e3:9.2f} ms [{rec["p25_s"] * 1e3:.2f}-{rec["p75_s"] * 1e3:.2f}, min '
           f'{rec["min_s"] * 1e3:.2f}]  {tok} {fl}{frac}  compile {comp}  rss {rec["peak_rss_mb"]:.0f} MB{extra}',
           flush=True)
