@@ -223,11 +223,12 @@ def workloads(args) -> list[dict]:
     rm_tokens = 2 * RM['pairs'] * RM['seq_len']
     mm = common.largest_matmul(s, rm_tokens)
     if 'rm' in args.only:
-      # The last row is the first with rmjax's `train.grad_accum_steps=4`: the same update (the
-      # peer's step is unchanged), the batch run as 4 microbatches inside the compiled step.
-      for members, kind, accum, label in ((1, 'full', 1, 'RM step'), (4, 'full', 1, 'RM K=4 full ensemble'),
-                                          (4, 'multi_head', 1, 'RM K=4 multi-head'),
-                                          (1, 'full', 4, 'RM step, rmjax in 4 microbatches')):
+      # rmjax's RM step as the RM job runs it, `train.grad_accum_steps='auto'` (on one CPU device the
+      # same update in cache-sized microbatches inside the compiled step, `accumulate.auto_steps`),
+      # and, in the last row, unsplit; the peer's step is the same in every row.
+      for members, kind, accum, label in ((1, 'full', 'auto', 'RM step'), (4, 'full', 'auto', 'RM K=4 full ensemble'),
+                                          (4, 'multi_head', 'auto', 'RM K=4 multi-head'),
+                                          (1, 'full', 1, 'RM step, rmjax unsplit')):
         heads = members if kind == 'multi_head' else 1
         flops = common.rm_step_flops(s, RM['pairs'], RM['seq_len'], heads) * (members if kind == 'full' else 1)
         ws.append({'name': f'{label} [{size}]', 'flops': flops, 'tokens': rm_tokens * (members if kind == 'full' else 1),

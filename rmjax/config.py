@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
+from ml_collections import config_dict
 
 from rmjax.models import config as model_config_lib
 from rmjax.models.config import ModelConfig, get_size
@@ -100,8 +101,9 @@ def train(steps: int, *, batch_size: int = 32, log_every: int = 25, eval_every: 
   `save_initial` also evaluates and checkpoints the starting state as step 0 (curves start there);
   `extra_steps` lists more steps to log, evaluate and checkpoint at; `grad_accum_steps` runs each
   global batch as that many microbatches in one step (`rmjax.train.accumulate`; it must divide the
-  per-process batch)."""
-  return ml_collections.ConfigDict(dict(steps=steps, batch_size=batch_size, grad_accum_steps=1,
+  per-process batch; `'auto'` lets the RM trainer choose, `rmjax.train.accumulate.auto_steps`)."""
+  accum = config_dict.FieldReference(1, field_type=object)  # an int or 'auto'
+  return ml_collections.ConfigDict(dict(steps=steps, batch_size=batch_size, grad_accum_steps=accum,
                                         log_every=log_every, eval_every=eval_every,
                                         checkpoint_every=checkpoint_every, keep=3, fail_at_step=-1,
                                         progress=True, save_initial=False, extra_steps=()))

@@ -53,13 +53,14 @@ def pair_scores(rm: RewardModel, params, batch) -> tuple[jax.Array, jax.Array]:
 
 
 def make_train_step(rm: RewardModel, optimizer: optax.GradientTransformation, loss_fn, *,
-                    bootstrap: bool = False, grad_accum_steps: int = 1, state_shardings=None):
+                    bootstrap: bool = False, grad_accum_steps: int | str = 1, state_shardings=None):
   """`step(state, batch) -> (state, metrics)`, jitted with the state donated.
 
   loss_fn(r_chosen [B], r_rejected [B]) -> per-example losses [B] (a registered RM loss).
   grad_accum_steps: N, the global batch `[B, ...]` runs as N microbatches of B/N rows in one
   `lax.scan` (`rmjax.train.accumulate`); the loss Σ_b w_b·l_b / Σ_b w_b has its normaliser taken
-  over the whole global batch, so the update equals N = 1 up to float summation order.
+  over the whole global batch, so the update equals N = 1 up to float summation order. `'auto'`:
+  N = `accumulate.auto_steps(B, 2·T·width)` for the batch's B pairs of T tokens.
   metrics: 'loss' (mean over members), 'accuracy' (of the member-mean score), 'grad_norm',
   'update_norm', and per member 'loss_k' / 'accuracy_k'.
   """
@@ -81,8 +82,11 @@ def make_train_step(rm: RewardModel, optimizer: optax.GradientTransformation, lo
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), _BOOTSTRAP_TAG)
     # One normaliser for the whole global batch: the number of real pairs (PITFALLS #4).
     n = objectives.batch_normalizer(batch['weight'], 'token_mean')
+    pairs, seq_len = batch['chosen_tokens'].shape
+    micro = (accumulate.auto_steps(pairs, 2 * seq_len * rm.config.width) if grad_accum_steps == accumulate.AUTO
+             else grad_accum_steps)
     (_, (loss_k, correct_k, correct)), grads = accumulate.value_and_grad(
-        lambda p, b: losses(p, b, key, n), state.params, batch, grad_accum_steps)
+        lambda p, b: losses(p, b, key, n), state.params, batch, micro)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     n = jnp.maximum(n, 1.0)
@@ -199,7 +203,7 @@ def validate(config) -> None:
     raise config_lib.ConfigError(f'config.ensemble.head_bias={config.ensemble.head_bias!r}: expected one of '
                                  f'{HEAD_BIAS}.')
   C.require_positive(config, 'ensemble.members', 'train.steps', 'train.batch_size', 'eval.batch_size')
-  accumulate.check_steps(config.train)
+  accumulate.check_steps(config.train, allow_auto=True)
   C.require_choice(config, 'loss.name', [e.name for e in objectives.entries('rm_loss')])
   C.require_choice(config, 'eval.aggregate', [e.name for e in objectives.entries('aggregation')])
   try:
@@ -243,7 +247,8 @@ def train(config, workdir, *, model_config: ModelConfig, train_batches, eval_bat
   abstract = jax.eval_shape(init, rng)
   shardings = state_lib.state_shardings(abstract, optimizer, mesh)
   step = make_train_step(rm, optimizer, loss_fn, bootstrap=bool(config.ensemble.bootstrap),
-                         grad_accum_steps=accumulate.check_steps(config.train), state_shardings=shardings)
+                         grad_accum_steps=accumulate.check_steps(config.train, allow_auto=True),
+                         state_shardings=shardings)
   score_fn = make_score_fn(rm)
 
   def evaluate(state, stats=None):

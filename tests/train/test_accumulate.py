@@ -80,6 +80,37 @@ def test_rm_step_accumulated_equals_global_batch():
   _check(make_step, params, _pairs())
 
 
+def test_auto_steps_is_the_fewest_microbatches_that_fit_the_budget(monkeypatch):
+  budget = accumulate.CACHE_ELEMENTS  # 65536
+  assert accumulate.auto_steps(16, 2 * 128 * 64) == 4     # tiny width, 16 pairs x 128 tokens: 4 pairs each
+  assert accumulate.auto_steps(16, 2 * 128 * 256) == 16   # small width: one pair each
+  assert accumulate.auto_steps(6, 30000) == 3             # 2 rows = 60000 fit, 3 rows do not
+  assert accumulate.auto_steps(7, 20000) == 7             # prime: no divisor between 1 and 7 fits
+  assert accumulate.auto_steps(4, budget // 4) == 1       # the whole batch fits
+  assert accumulate.auto_steps(8, budget + 1) == 8        # not even one row fits: one row each
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert accumulate.auto_steps(16, 2 * 128 * 256) == 1    # accelerators keep the batch whole
+
+
+def test_rm_step_auto_splits_by_the_budget_and_equals_the_global_batch(monkeypatch):
+  # CFG's pairs are 2·T·width = 320 elements: a budget of 4 pairs splits B = 8 into N = 2.
+  monkeypatch.setattr(accumulate, 'CACHE_ELEMENTS', 4 * 2 * T * CFG.width)
+  rm = RewardModel(CFG, num_members=1)
+  params = jax.jit(rm.init)(jax.random.key(0))
+  opt = _sgd()
+  auto = rm_trainer.make_train_step(rm, opt, objectives.get('bradley_terry'), grad_accum_steps='auto')
+  plain = rm_trainer.make_train_step(rm, opt, objectives.get('bradley_terry'))
+  batch = _pairs()
+  state = state_lib.create(params, opt, jax.random.key(0))
+  jaxpr = str(jax.make_jaxpr(auto)(state, batch))
+  assert 'scan' in jaxpr and 'length=2' in jaxpr and 'scan' not in str(jax.make_jaxpr(plain)(state, batch))
+  got, want = (step(state_lib.create(jax.tree.map(jnp.copy, params), opt, jax.random.key(0)), batch)[0].params
+               for step in (auto, plain))
+  full = max(float(jnp.abs(w - p).max()) for w, p in zip(jax.tree.leaves(want), jax.tree.leaves(params)))
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=1e-6 * full)
+
+
 def test_lm_step_accumulated_equals_global_batch():
   params = jax.jit(transformer.init_lm, static_argnums=1)(jax.random.key(0), CFG)
   def make_step(n):
@@ -94,14 +125,17 @@ def test_split_takes_strided_rows():
 
 
 @pytest.mark.parametrize('steps, match', [(3, 'does not divide the per-process batch of 8 rows'),
-                                          (0, 'expected a positive integer')])
+                                          (0, 'expected a positive integer'),
+                                          ('auto', "expected a positive integer \\('auto' is for the RM")])
 def test_bad_accumulation_steps_raise_config_error(steps, match):
   train = C.train(10, batch_size=8)
   train.grad_accum_steps = steps
-  with pytest.raises(C.ConfigError, match=f'config.train.grad_accum_steps={steps}.*{match}'):
+  with pytest.raises(C.ConfigError, match=f'config.train.grad_accum_steps={steps!r}.*{match}'):
     accumulate.check_steps(train)
   train.grad_accum_steps = 4
   assert accumulate.check_steps(train) == 4
+  train.grad_accum_steps = 'auto'
+  assert accumulate.check_steps(train, allow_auto=True) == 'auto'
 
 
 def test_the_rl_trainer_refuses_the_option():
