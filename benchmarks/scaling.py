@@ -27,7 +27,8 @@ def rm_point(size: str, dim: str, m: int) -> tuple[dict, int]:
   else:
     k = m
   s = common.shape(size)
-  params = dict(workload='rm', size=size, pairs=pairs, seq_len=seq_len, members=k, kind='full')
+  params = dict(workload='rm', size=size, pairs=pairs, seq_len=seq_len, members=k, kind='full',
+                grad_accum_steps='auto')  # as the RM job runs it (and as the benchmark's RM rows)
   return params, k * common.rm_step_flops(s, pairs, seq_len)
 
 
