@@ -181,7 +181,7 @@ def run_workload(w: dict, frameworks: list[str], args, log_dir: Path) -> dict:
     rec = dict(stats(all_times), framework=setup[f].get('framework', f), compile_s=setup[f].get('compile_s'),
                first_steps_s=setup[f].get('first_steps_s'), peak_rss_mb=setup[f]['peak_rss_mb'],
                check=checks[f], steps_per_round=steps[f], round_medians_s=[float(np.median(r)) for r in rounds[f]],
-               idle_wait_s=idle_wait[f])
+               idle_wait_s=idle_wait[f], microbatches=setup[f].get('microbatches'))
     if w.get('tokens'):
       rec['tokens_per_s'] = w['tokens'] / rec['median_s']
     if w.get('flops'):

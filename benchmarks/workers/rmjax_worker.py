@@ -21,7 +21,7 @@ from rmjax.models import ensemble, sampling  # noqa: E402
 from rmjax.models.config import get_size  # noqa: E402
 from rmjax.models.reward_model import RewardModel  # noqa: E402
 from rmjax.rl import iteration as rl  # noqa: E402
-from rmjax.train import optim, rm_trainer  # noqa: E402
+from rmjax.train import accumulate, optim, rm_trainer  # noqa: E402
 from rmjax.train import state as state_lib  # noqa: E402
 
 
@@ -99,7 +99,10 @@ class Worker:
       m['loss'].block_until_ready()
 
     self.run_once = once
-    return {'compile_s': compile_s, 'check': losses, 'framework': f'rmjax (jax {jax.__version__})'}
+    micro = (accumulate.auto_steps(pairs, 2 * seq_len * cfg.width) if grad_accum_steps == accumulate.AUTO
+             else grad_accum_steps)
+    return {'compile_s': compile_s, 'check': losses, 'framework': f'rmjax (jax {jax.__version__})',
+            'microbatches': micro}
 
   # --------------------------------------------------------------------------- generation
   def setup_generate(self, size, rows, prompt_len, new_tokens, top_p=1.0, seed=0, **_):
