@@ -264,6 +264,7 @@ def test_one_pass_update_equals_the_two_pass_update(policy_params):
     for k in m1:
       np.testing.assert_allclose(m1[k], m2[k], atol=1e-5, rtol=1e-5, err_msg=k)
     assert m1['ratio_dev_first'] == 0.0 and m1['approx_kl'] == 0.0
+    assert m1['logp_mismatch'] <= 1e-5  # PITFALLS #7 on this path: sampler vs trainer at T = 0.7, top-k
   gap = [np.asarray(a - b) for a, b in zip(jax.tree.leaves(fused.params), jax.tree.leaves(plain.params))]
   moved = [np.asarray(a - b) for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(policy_params))]
   norm = lambda xs: np.sqrt(sum(float((x.astype(np.float64) ** 2).sum()) for x in xs))
