@@ -32,10 +32,10 @@ CACHE_ELEMENTS = 1 << 16
 """`auto_steps`' budget: activation elements (rows × tokens × width) per microbatch, 256 KiB in float32."""
 
 
-def auto_steps(rows: int, row_elements: int) -> int:
+def auto_steps(rows: int, row_elements: int, budget: int | None = None) -> int:
   """Microbatches for `rows` rows of `row_elements` activation elements each (tokens × width):
   on a single CPU device the smallest divisor N of rows with (rows / N) · row_elements ≤
-  `CACHE_ELEMENTS` (one row per microbatch when no divisor fits), else 1.
+  `budget` (default `CACHE_ELEMENTS`; one row per microbatch when no divisor fits), else 1.
 
   On XLA:CPU a step's time grows faster than its FLOPs once the activations outgrow the caches
   (docs/benchmarks.md, item 4); the same update in microbatches of this size measured fastest or
@@ -45,7 +45,8 @@ def auto_steps(rows: int, row_elements: int) -> int:
   """
   if jax.default_backend() != 'cpu' or jax.device_count() > 1:
     return 1
-  return next(n for n in range(1, rows + 1) if rows % n == 0 and rows // n * row_elements <= CACHE_ELEMENTS
+  budget = CACHE_ELEMENTS if budget is None else budget
+  return next(n for n in range(1, rows + 1) if rows % n == 0 and rows // n * row_elements <= budget
               or n == rows)
 
 

@@ -234,10 +234,12 @@ def test_one_pass_update_equals_the_two_pass_update(policy_params):
   (a KL penalty) and whose loss reads the reference logits (exact KL), two iterations give the
   same tokens, metrics (1e-5) and parameters (the two updates differ by < 1e-5 of their size,
   each entry by < 1e-6; plain SGD, so no division by small second moments); the ratio is
-  exactly 1; and the program has one policy forward pass fewer."""
+  exactly 1; and the program has one policy forward pass fewer. The one-pass update in two row
+  blocks (`row_chunks=2`: the pullbacks kept per block) is held to the same bounds, its ratio
+  within 1e-6 (log_softmax over a block's shape rounds differently)."""
   section = dict(reward='mean,kl_penalty', kl_penalty=dict(beta=0.05), advantage='grpo', grpo=dict(group_size=GROUP),
                  loss='ppo_clip,kl_exact', kl_exact=dict(coef=0.01), reduction='seq_mean_token_mean')
-  settings = it.Settings(group_size=GROUP, max_new_tokens=6, temperature=0.7, top_k=16, eos_id=EOS, pad_id=PAD)
+  settings = dict(group_size=GROUP, max_new_tokens=6, temperature=0.7, top_k=16, eos_id=EOS, pad_id=PAD)
   optimizer = optax.sgd(0.5)
   batch = left_padded_prompts()
   # A reference away from the policy: at π = π_ref the KL penalty would be rounding noise, which
@@ -246,33 +248,36 @@ def test_one_pass_update_equals_the_two_pass_update(policy_params):
   keys = jax.random.split(jax.random.key(7), len(leaves))
   ref_params = tree.unflatten([x + 0.3 * jnp.std(x) * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
   runs, programs = {}, {}
-  for one_pass in (True, False):
-    fns = it.make_functions(TINY, section, settings, count_scorer, optimizer, one_pass=one_pass)
+  for name, one_pass, chunks in (('fused', True, 1), ('chunked', True, 2), ('plain', False, 1)):
+    fns = it.make_functions(TINY, section, it.Settings(**settings, row_chunks=chunks), count_scorer, optimizer,
+                            one_pass=one_pass)
     state, frozen = _start(policy_params, section, optimizer)
     frozen = frozen._replace(ref_params=ref_params)
-    programs[one_pass] = jax.make_jaxpr(fns.iteration)(state, frozen, batch).jaxpr
+    programs[name] = jax.make_jaxpr(fns.iteration)(state, frozen, batch).jaxpr
     step = jax.jit(fns.iteration_samples)
     history = []
     for _ in range(2):
       state, metrics, samples = step(state, frozen, batch)
       history.append((jax.device_get(metrics), np.asarray(samples.tokens)))
-    runs[one_pass] = state, history
-  (fused, fused_history), (plain, plain_history) = runs[True], runs[False]
-  for (m1, t1), (m2, t2) in zip(fused_history, plain_history):
+    runs[name] = state, history
+  (plain, plain_history) = runs['plain']
+  for (m1, t1), (m2, t2) in zip(runs['fused'][1] + runs['chunked'][1], plain_history * 2):
     np.testing.assert_array_equal(t1, t2)
     assert sorted(m1) == sorted(m2)
     for k in m1:
       np.testing.assert_allclose(m1[k], m2[k], atol=1e-5, rtol=1e-5, err_msg=k)
-    assert m1['ratio_dev_first'] == 0.0 and m1['approx_kl'] == 0.0
+    assert abs(m1['ratio_dev_first']) <= 1e-6 and abs(m1['approx_kl']) <= 1e-6
     assert m1['logp_mismatch'] <= 1e-5  # PITFALLS #7 on this path: sampler vs trainer at T = 0.7, top-k
-  gap = [np.asarray(a - b) for a, b in zip(jax.tree.leaves(fused.params), jax.tree.leaves(plain.params))]
+  assert all(m['ratio_dev_first'] == 0.0 and m['approx_kl'] == 0.0 for m, _ in runs['fused'][1])
   moved = [np.asarray(a - b) for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(policy_params))]
   norm = lambda xs: np.sqrt(sum(float((x.astype(np.float64) ** 2).sum()) for x in xs))
-  assert norm(moved) > 1e-2 and norm(gap) < 1e-5 * norm(moved)  # measured: 1.7e-6 of the update
-  assert max(np.abs(x).max() for x in gap) < 1e-6
+  for name in ('fused', 'chunked'):
+    gap = [np.asarray(a - b) for a, b in zip(jax.tree.leaves(runs[name][0].params), jax.tree.leaves(plain.params))]
+    assert norm(moved) > 1e-2 and norm(gap) < 1e-5 * norm(moved), name  # measured: 1.7e-6 of the update
+    assert max(np.abs(x).max() for x in gap) < 1e-6, name
   prompt_len = batch['prompt_tokens'].shape[1]
   tokens = jnp.zeros((8 * GROUP, prompt_len + 6), jnp.int32)
   forward = jax.make_jaxpr(lambda p: it.response_logits(p, TINY, tokens, tokens > 0, prompt_len, 0.7))(
       policy_params).jaxpr
   dots = lambda jaxpr: _primitives(jaxpr, []).count('dot_general')
-  assert dots(programs[False]) - dots(programs[True]) == dots(forward) > 0
+  assert dots(programs['plain']) - dots(programs['fused']) == dots(forward) > 0
