@@ -294,7 +294,8 @@ def make_functions(policy_config: ModelConfig, objective_section: Any, settings:
   one_pass: with one epoch, one minibatch and no value model, the rollout's log π_T (the "old"
     log-probs, the reward chain's log π, the entropy and KL metrics) come from the update's own
     forward pass (`jax.vjp`), so the policy runs forward once per iteration instead of twice;
-    the update is the same (the ratio is exactly 1; within 1e-6 when `row_chunks` splits the rows). False keeps the separate pass (for checks).
+    the update is the same (the ratio is exactly 1; within 1e-6 when `row_chunks` splits the
+    rows). False keeps the separate pass (for checks).
 
   iteration(state, frozen, batch) -> (state, metrics); batch: `prompt_tokens [P, Lp]` int32,
     `prompt_mask [P, Lp]` bool (left-padded), optional `prompt_ids [P]` int32.
