@@ -9,6 +9,6 @@ from rmjax.models.heads import LMHead, RewardHead, ValueHead
 from rmjax.models.partitioning import logical_axes
 from rmjax.models.reward_model import RewardModel, last_index
 from rmjax.models.sampling import SampleOutput, sample, token_logprobs
-from rmjax.models.transformer import (KVCache, LanguageModel, Transformer, default_positions, init_cache, init_lm,
-                                      lm_decode, lm_logits)
+from rmjax.models.transformer import (KVCache, LanguageModel, Transformer, default_positions, grow_cache, init_cache,
+                                      init_lm, lm_decode, lm_logits)
 from rmjax.models.value_model import init_value_model, values

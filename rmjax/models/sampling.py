@@ -1,6 +1,7 @@
 """KV-cache sampling in one compiled loop, and no-cache token log-probabilities.
 
-`sample` prefills a cache with the left-padded prompts `[B, P]` in one call, then runs
+`sample` prefills a cache of P slots with the left-padded prompts `[B, P]` in one call, adds
+the N - 1 slots decoding fills (`grow_cache`), then runs
 `lax.scan` over `max_new_tokens - 1` decode steps whose query length is 1. At step n it
 draws token n from the logits of the previous position:
 
@@ -28,7 +29,8 @@ import jax
 import jax.numpy as jnp
 
 from rmjax.models.config import ModelConfig
-from rmjax.models.transformer import Params, check_inputs, default_positions, init_cache, lm_decode, lm_logits
+from rmjax.models.transformer import (Params, check_inputs, default_positions, grow_cache, init_cache, lm_decode,
+                                     lm_logits)
 
 
 class SampleOutput(NamedTuple):
@@ -166,9 +168,9 @@ def _sample(params, config, prompt_tokens, prompt_mask, rng, temperature, top_p,
             use_top_p, eos_id, pad_id):
   batch, prompt_len = prompt_tokens.shape
   temperature, top_p = _per_row(temperature), _per_row(top_p)
-  cache = init_cache(config, batch, prompt_len + max_new_tokens - 1)
-  logits, cache = lm_decode(params, config, prompt_tokens, prompt_mask, default_positions(prompt_mask), cache,
-                            head_slice=slice(-1, None))
+  logits, cache = lm_decode(params, config, prompt_tokens, prompt_mask, default_positions(prompt_mask),
+                            init_cache(config, batch, prompt_len), head_slice=slice(-1, None))
+  cache = grow_cache(cache, max_new_tokens - 1)
   keys = jax.random.split(rng, max_new_tokens)
   choose = functools.partial(_choose, temperature=temperature, top_p=top_p, top_k=top_k, use_top_p=use_top_p)
 

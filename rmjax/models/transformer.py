@@ -40,7 +40,8 @@ restricted to real keys; a query with no real key (an all-padding row, or left p
 gets uniform weights over its masked keys, so no NaN appears (its output is garbage and
 should be masked by the caller).
 
-KV cache (`KVCache`): per layer `k, v [B, S, KV, hd]`, a key-validity mask `valid [B, S]`
+KV cache (`KVCache`): per layer `k, v [B, KV, S, hd]` (the layout the attention's batched
+matmuls read, so a decode step copies nothing but its new slot), a key-validity mask `valid [B, S]`
 and a scalar write `index`. A call with a cache writes the new T keys/values at slots
 `index .. index + T - 1` and attends, from the query in slot `index + t`, to the filled,
 real slots `s <= index + t`. The caller keeps `index + T <= S` (`lax.dynamic_update_slice`
@@ -62,7 +63,7 @@ Params = dict[str, Any]
 
 
 class KVCache(NamedTuple):
-  """Decoding state: per-layer keys/values `[B, S, KV, hd]`, `valid [B, S]`, `index []` int32."""
+  """Decoding state: per-layer keys/values `[B, KV, S, hd]`, `valid [B, S]`, `index []` int32."""
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
   valid: jax.Array
@@ -155,12 +156,75 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+def _scores(q, k, bias):
+  with jax.named_scope('attention_scores'):
+    return jnp.einsum('bkgtd,bksd->bkgts', q, k, preferred_element_type=jnp.float32) + bias
+
+
+@jax.custom_vjp
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
+  """`softmax(q kᵀ + bias) v` float32 `[B, KV, G, T, hd]` for the queries of each KV group,
+  q `[B, KV, G, T, hd]` (already scaled), k, v `[B, KV, S, hd]`, bias `[B, 1, 1, T, S]`
+  float32 (0 or the most negative float).
+
+  Forward: `W = exp(s - max s)`, `out = (W v) / Σ_s W` (normalised after the value product:
+  fewer passes over `[T, S]`). The backward keeps only q, k, v, out, `max s` and `Σ_s W`
+  (`[B, KV, G, T, 1]` each), not the `[T, S]` weights, and recomputes `P = W / Σ_s W`
+  (Dao et al. 2022, "FlashAttention", Alg. 4; a log-normaliser `max s + log Σ_s W` would
+  round to `max s` on a row with no real key, where s is the most negative float):
+  `dv = Pᵀ dout`, `ds = P ∘ (dout vᵀ - rowsum(dout ∘ out))`, `dq = ds k`, `dk = dsᵀ q`.
+  Autodiff would keep W itself, `B·H·T·S` floats per layer, and RL passes over long
+  rollouts spend more time storing and reloading it than on its arithmetic.
+  """
+  return _attend_fwd(q, k, v, bias)[0]
+
+
+def _attend_fwd(q, k, v, bias):
+  s = _scores(q, k, bias)
+  top = jnp.max(s, axis=-1, keepdims=True)
+  w = jnp.exp(s - top)
+  mass = jnp.sum(w, axis=-1, keepdims=True)
+  out = jnp.einsum('bkgts,bksd->bkgtd', w.astype(v.dtype), v, preferred_element_type=jnp.float32) / mass
+  return out, (q, k, v, bias, out, top, mass)
+
+
+def _attend_bwd(res, dout):
+  q, k, v, bias, out, top, mass = res
+  p = jnp.exp(_scores(q, k, bias) - top) / mass
+  dv = jnp.einsum('bkgts,bkgtd->bksd', p.astype(v.dtype), dout.astype(v.dtype), preferred_element_type=jnp.float32)
+  dp = jnp.einsum('bkgtd,bksd->bkgts', dout.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  ds = (p * (dp - jnp.sum(dout * out, axis=-1, keepdims=True))).astype(q.dtype)
+  dq = jnp.einsum('bkgts,bksd->bkgtd', ds, k, preferred_element_type=jnp.float32)
+  dk = jnp.einsum('bkgts,bkgtd->bksd', ds, q, preferred_element_type=jnp.float32)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), jnp.zeros_like(bias)
+
+
+attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+QUERY_BLOCK = 32
+
+
+def query_blocks(t: int) -> list[tuple[int, int]]:
+  """`[start, end)` query ranges of a no-cache causal pass over `t` tokens: blocks of
+  `QUERY_BLOCK` on XLA:CPU, one block elsewhere. Block `[a, e)` attends to keys `[0, e)`:
+  the later keys are masked for all of its queries (S = T, slot = position), so this skips
+  about half of the scores and leaves the real rows' outputs as they were (a query with no
+  real key gets uniform weights over fewer masked keys: garbage either way). On CPU,
+  `[32, S]` score tiles kept attention 2-5x faster than one `[T, S]` product at T = 128-512
+  (forward and backward; docs/benchmarks.md, item 7).
+  """
+  if jax.default_backend() != 'cpu' or t <= QUERY_BLOCK:
+    return [(0, t)]
+  return [(a, min(a + QUERY_BLOCK, t)) for a in range(0, t, QUERY_BLOCK)]
+
+
 class Attention(nn.Module):
   """Causal grouped-query attention with a fused qkv projection and an optional KV cache.
 
   x [B, T, D]; bias [B, 1, 1, T, S] float32 (0 where a key is allowed, the most negative
   float where not); rope (cos, sin) or None; kv: the layer's
-  cached (k, v) `[B, S, KV, hd]` or None (then S = T). Returns (y [B, T, D], new kv or None).
+  cached (k, v) `[B, KV, S, hd]` or None (then S = T). Returns (y [B, T, D], new kv or None).
   """
   config: ModelConfig
 
@@ -174,25 +238,22 @@ class Attention(nn.Module):
     q, k, v = qkv[:, :, :h], qkv[:, :, h:h + kvh], qkv[:, :, h + kvh:]
     if rope is not None:
       q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, T, hd]
     new_kv = None
     if kv is not None:
-      k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
-      v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
+      k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, 0, index, 0))
+      v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, 0, index, 0))
       new_kv = (k, v)
-    # Queries of one KV group share a batched matmul: [B, KV, G*T, hd] x [B, KV, S, hd].
+    # Queries of one KV group share a batched matmul: [B, KV, G, T, hd] x [B, KV, S, hd].
     g = h // kvh
-    q = (q * hd ** -0.5).reshape(b, t, kvh, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, hd)
-    k, v = k.astype(dtype).transpose(0, 2, 1, 3), v.astype(dtype).transpose(0, 2, 1, 3)
-    with jax.named_scope('attention_scores'):
-      scores = jnp.einsum('bkqd,bksd->bkqs', q, k, preferred_element_type=jnp.float32)
-    scores = scores.reshape(b, kvh, g, t, -1) + bias
-    # Softmax with the normalisation applied after the value product (fewer passes over
-    # [.., T, S]); the max shift cancels exactly, so it carries no gradient.
-    weights = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
-    out = jnp.einsum('bkqs,bksd->bkqd', weights.reshape(b, kvh, g * t, -1).astype(dtype), v,
-                     preferred_element_type=jnp.float32)
-    out = out / jnp.sum(weights, axis=-1).reshape(b, kvh, g * t, 1)
-    out = out.astype(dtype).reshape(b, kvh, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, h * hd)
+    q = (q * hd ** -0.5).reshape(b, t, kvh, g, hd).transpose(0, 2, 3, 1, 4)
+    k, v = k.astype(dtype), v.astype(dtype)
+    if kv is None:  # causal blocks of queries, each against the keys up to its last query
+      out = jnp.concatenate([attend(q[:, :, :, a:e], k[:, :, :e], v[:, :, :e], bias[..., a:e, :e])
+                             for a, e in query_blocks(t)], axis=3)
+    else:
+      out = attend(q, k, v, bias)
+    out = out.astype(dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, h * hd)
     return Dense(c.width, c.attn_bias and c.family == 'gpt2', c, name='out')(out), new_kv
 
 
@@ -228,7 +289,7 @@ class Transformer(nn.Module):
 
   `config.remat == 'block'` wraps `Block` in `nn.remat` (its activations are recomputed in the
   backward pass); `config.scan_layers` runs the blocks as one `nn.scan` with parameters stacked
-  on a leading layer axis, the cache's per-layer k, v stacked to `[L, B, S, KV, hd]` for it.
+  on a leading layer axis, the cache's per-layer k, v stacked to `[L, B, KV, S, hd]` for it.
   """
   config: ModelConfig
 
@@ -367,14 +428,23 @@ def lm_logits(params: Params, config: ModelConfig, tokens: jax.Array, mask: jax.
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int) -> KVCache:
-  """An empty cache of `max_len` slots: zeros `k, v [B, S, KV, hd]`, `valid` all False, index 0."""
+  """An empty cache of `max_len` slots: zeros `k, v [B, KV, S, hd]`, `valid` all False, index 0."""
   if max_len <= 0 or max_len > config.max_len:
     raise ValueError(f'init_cache: max_len={max_len} must be in [1, config.max_len={config.max_len}].')
   if batch <= 0:
     raise ValueError(f'init_cache: batch={batch} must be positive.')
-  shape = (batch, max_len, config.num_kv_heads, config.head_width)
+  shape = (batch, config.num_kv_heads, max_len, config.head_width)
   zeros = tuple(jnp.zeros(shape, jnp.dtype(config.dtype)) for _ in range(config.num_layers))
   return KVCache(zeros, zeros, jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
+
+
+def grow_cache(cache: KVCache, slots: int) -> KVCache:
+  """`cache` with `slots` empty slots appended (zeros, `valid` False): a prefill can run on a
+  cache of the prompt's length, so that its attention does not span the slots decoding fills."""
+  def pad(x):
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, slots), (0, 0)])
+  return KVCache(tuple(map(pad, cache.k)), tuple(map(pad, cache.v)), jnp.pad(cache.valid, ((0, 0), (0, slots))),
+                 cache.index)
 
 
 def lm_decode(params: Params, config: ModelConfig, tokens: jax.Array, mask: jax.Array,

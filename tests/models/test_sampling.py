@@ -164,7 +164,7 @@ def test_vmap_over_temperature_and_top_p(setup, logprob_fn):
 
 
 def _walk(jaxpr, in_loop, dots, loops):
-  """Collects (inside a loop body?, output shape [B, KV, G*T, S]) of each attention-score
+  """Collects (inside a loop body?, output shape [B, KV, G, T, S]) of each attention-score
   dot, and every scan / while eqn, through nested jaxprs."""
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == 'dot_general' and 'attention_scores' in str(eqn.source_info.name_stack):
@@ -181,16 +181,16 @@ def _walk(jaxpr, in_loop, dots, loops):
 
 
 def test_decode_is_one_loop_with_length_1_queries(setup):
-  """The jaxpr: the prefill's attention queries have length P = 5, and the only other
-  attention is inside one scan of N - 1 steps, with queries of length 1 (score rows
-  G * 1 per KV head), both against the S = P + N - 1 cache slots."""
+  """The jaxpr: the prefill's attention queries have length P = 5 and attend to the P slots
+  of the prompt only; the only other attention is inside one scan of N - 1 steps, with
+  queries of length 1, against the S = P + N - 1 slots."""
   params, tokens, mask = setup
   jaxpr = jax.make_jaxpr(lambda p, t, m: sampling.sample(p, LLAMA, t, m, jax.random.key(0), max_new_tokens=N))(
       params, tokens, mask)
   dots, loops = _walk(jaxpr.jaxpr, False, [], [])
   g = LLAMA.num_heads // LLAMA.num_kv_heads
   slots = 5 + N - 1
-  assert sorted(dots) == sorted([(False, (8, 2, g * 5, slots))] * 2 + [(True, (8, 2, g * 1, slots))] * 2)
+  assert sorted(dots) == sorted([(False, (8, 2, g, 5, 5))] * 2 + [(True, (8, 2, g, 1, slots))] * 2)
   assert len(loops) == 1 and loops[0].params['length'] == N - 1
 
 

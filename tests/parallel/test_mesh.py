@@ -47,7 +47,7 @@ def test_unknown_logical_name_raises():
 def test_kv_cache_rows_over_batch_axes_and_kv_heads_over_tensor():
   cache = jax.eval_shape(lambda: transformer.init_cache(get_size('tiny'), 16, 40))
   sh = parallel.kv_cache_shardings(cache, MESH)
-  assert all(s.spec == P(('data', 'fsdp'), None, 'tensor', None) for s in sh.k + sh.v)
+  assert all(s.spec == P(('data', 'fsdp'), 'tensor', None, None) for s in sh.k + sh.v)
   assert sh.valid.spec == P(('data', 'fsdp'), None) and sh.index.spec == P()
 
 
