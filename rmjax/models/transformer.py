@@ -212,7 +212,7 @@ def query_blocks(t: int) -> list[tuple[int, int]]:
   about half of the scores and leaves the real rows' outputs as they were (a query with no
   real key gets uniform weights over fewer masked keys: garbage either way). On CPU,
   `[32, S]` score tiles kept attention 2-5x faster than one `[T, S]` product at T = 128-512
-  (forward and backward; docs/benchmarks.md, item 7).
+  (forward and backward; docs/benchmarks.md, item 8).
   """
   if jax.default_backend() != 'cpu' or t <= QUERY_BLOCK:
     return [(0, t)]
