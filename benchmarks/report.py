@@ -12,7 +12,8 @@ def _ms(x: float) -> str:
 
 def markdown(report: dict) -> str:
   m = report['machine']
-  lines = [f'Machine: {m["cpu"]}, {m["cores"]} cores, {m["threads_per_framework"]} threads per framework; '
+  cpu = m['cpu'] + (f' (family/model {m["cpu_family_model"]}, {m["isa"]})' if 'isa' in m else '')
+  lines = [f'Machine: {cpu}, {m["cores"]} cores, {m["threads_per_framework"]} threads per framework; '
            f'load average {report["load_start"]:.1f} at start, {report.get("load_end", float("nan")):.1f} at end '
            '(per workload: ' + ', '.join(f'{w["load_before"]:.1f}' for w in report['workloads']) + '); '
            'CPU time taken by the virtual machine\'s host (steal) per workload: '

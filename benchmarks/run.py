@@ -117,9 +117,17 @@ def steal_fraction(start: tuple[int, int]) -> float:
 
 
 def machine() -> dict:
-  cpu = next((l.split(':', 1)[1].strip() for l in Path('/proc/cpuinfo').read_text().splitlines()
-              if l.startswith('model name')), 'unknown')
-  return {'cpu': cpu, 'cores': os.cpu_count(), 'threads_per_framework': common.THREADS,
+  """The CPU as /proc/cpuinfo names it, with its family / model numbers and widest vector ISA: a VM's
+  "AMD EPYC" has been several generations here, with and without AVX-512, and the frameworks' kernels
+  do not gain alike from it."""
+  info = {}
+  for line in Path('/proc/cpuinfo').read_text().splitlines():
+    key, _, value = line.partition(':')
+    info.setdefault(key.strip(), value.strip())
+  flags = set(info.get('flags', '').split())
+  isa = next((f for f in ('avx512f', 'avx2', 'avx') if f in flags), 'sse')
+  return {'cpu': info.get('model name', 'unknown'), 'cpu_family_model': f'{info.get("cpu family", "?")}/{info.get("model", "?")}',
+          'isa': isa.replace('avx512f', 'avx512'), 'cores': os.cpu_count(), 'threads_per_framework': common.THREADS,
           'python': sys.version.split()[0]}
 
 
