@@ -264,18 +264,17 @@ class Checkpointer:
     target = jax.tree.map(lambda leaf: _abstract_leaf(leaf, default_sharding), abstract_state)
 
     def restore_step(s: int) -> tuple[PyTree, dict]:
-      try:
-        restored = self._manager.restore(s, args=ocp.args.Composite(**{
-            STATE_ITEM: ocp.args.StandardRestore(target),
-            METADATA_ITEM: ocp.args.JsonRestore(),
-        }))
-      except Exception as e:  # pylint: disable=broad-except
-        mismatch = _describe_mismatch(target, self._directory / str(s) / STATE_ITEM)
-        if mismatch is None:
-          raise  # the saved layout fits the target: the files are damaged, fall back
+      # The saved layout is compared first, from its metadata alone: a mismatch is named before any
+      # array is read (and no read is left half done). Unreadable metadata counts as damage.
+      mismatch = _describe_mismatch(target, self._directory / str(s) / STATE_ITEM)
+      if mismatch is not None:
         raise TargetMismatchError(
             f'checkpoint step {s} in {self._directory} does not match abstract_state (another model, '
-            f'optimizer or state layout?): {mismatch}') from e
+            f'optimizer or state layout?): {mismatch}')
+      restored = self._manager.restore(s, args=ocp.args.Composite(**{
+          STATE_ITEM: ocp.args.StandardRestore(target),
+          METADATA_ITEM: ocp.args.JsonRestore(),
+      }))
       return restored[STATE_ITEM], restored[METADATA_ITEM]
 
     try:
