@@ -126,7 +126,8 @@ def machine() -> dict:
     info.setdefault(key.strip(), value.strip())
   flags = set(info.get('flags', '').split())
   isa = next((f for f in ('avx512f', 'avx2', 'avx') if f in flags), 'sse')
-  return {'cpu': info.get('model name', 'unknown'), 'cpu_family_model': f'{info.get("cpu family", "?")}/{info.get("model", "?")}',
+  return {'cpu': info.get('model name', 'unknown'),
+          'cpu_family_model': f'{info.get("cpu family", "?")}/{info.get("model", "?")}',
           'isa': isa.replace('avx512f', 'avx512'), 'cores': os.cpu_count(), 'threads_per_framework': common.THREADS,
           'python': sys.version.split()[0]}
 
