@@ -12,8 +12,8 @@ mesh axes (one axis, a tuple of axes, or None = replicated):
   layers (the stacked blocks of a scanned backbone) -> replicated
 
 Parameter names come from `rmjax.models.partitioning.logical_axes`; batches use `('batch',
-None, ...)`; a KV cache `k, v [B, KV, S, hd]`, `valid [B, S]` uses `KV_CACHE_AXES`. A dimension
-whose size the mesh axes do not divide, or whose axis another dimension of the same array
+None, ...)`; a KV cache `k [B, KV, hd, S]`, `v [B, KV, S, hd]`, `valid [B, S]` uses `KV_CACHE_AXES`.
+A dimension whose size the mesh axes do not divide, or whose axis another dimension of the same array
 already uses, stays replicated, so every model shards on every mesh. A `population` or
 `ensemble` axis stays replicated: its members run together on every device.
 """
@@ -53,7 +53,7 @@ RULES: Mapping[str, MeshAxes] = {
 
 # KVCache fields (`rmjax.models.transformer.KVCache`) -> logical names of their dimensions.
 KV_CACHE_AXES: Mapping[str, tuple[str, ...]] = {
-    'k': ('batch', 'kv_heads', 'cache_len', 'head_dim'),
+    'k': ('batch', 'kv_heads', 'head_dim', 'cache_len'),
     'v': ('batch', 'kv_heads', 'cache_len', 'head_dim'),
     'valid': ('batch', 'cache_len'),
     'index': (),

@@ -84,6 +84,9 @@ def test_cache_prefill_and_decode_match_full_forward(model):
 
   decode = jax.jit(tf.lm_decode, static_argnums=1)
   cache = tf.init_cache(config, 4, 8)
+  # keys slot-last, values slot-major (the layouts the decode step's two products read)
+  assert cache.k[0].shape == (4, config.num_kv_heads, config.head_width, 8)
+  assert cache.v[0].shape == (4, config.num_kv_heads, 8, config.head_width)
   got, cache = decode(params, config, p_tokens, p_mask, tf.default_positions(p_mask), cache)
   np.testing.assert_allclose(np.asarray(got)[np.asarray(p_mask)], want[:, :4][np.asarray(p_mask)], atol=1e-5)
   pos = p_mask.sum(1).astype(jnp.int32)
