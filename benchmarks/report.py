@@ -13,7 +13,9 @@ def _ms(x: float) -> str:
 def markdown(report: dict) -> str:
   m = report['machine']
   cpu = m['cpu'] + (f' (family/model {m["cpu_family_model"]}, {m["isa"]})' if 'isa' in m else '')
-  lines = [f'Machine: {cpu}, {m["cores"]} cores, {m["threads_per_framework"]} threads per framework; '
+  malloc = ('glibc malloc on transparent huge pages' if report.get('huge_pages') else 'default malloc')
+  malloc += f' (kernel THP mode {m["transparent_hugepage"]})' if 'transparent_hugepage' in m else ''
+  lines = [f'Machine: {cpu}, {m["cores"]} cores, {m["threads_per_framework"]} threads per framework, {malloc}; '
            f'load average {report["load_start"]:.1f} at start, {report.get("load_end", float("nan")):.1f} at end '
            '(per workload: ' + ', '.join(f'{w["load_before"]:.1f}' for w in report['workloads']) + '); '
            'CPU time taken by the virtual machine\'s host (steal) per workload: '

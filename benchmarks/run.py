@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import common, envs
+from launch import local
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / 'results'
@@ -46,13 +47,20 @@ GEN = dict(rows=16, prompt_len=32, new_tokens=64)
 GRPO = dict(prompts_per_step=8, group=4, prompt_len=32, new_tokens=32, beta=0.04, reward_token=7)
 
 
+def worker_env(huge_pages: bool) -> dict[str, str]:
+  """A worker's environment: this one's without a compilation cache, with the repository on the path
+  and, with `huge_pages`, glibc's malloc on transparent huge pages as rmjax's launchers run jobs
+  (`launch.local.point_env`; every framework alike, docs/benchmarks.md item 11)."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith('JAX_COMPILATION_CACHE') and k != 'PYTHONPATH'}
+  return local.point_env(env) if huge_pages else dict(env, PYTHONPATH=str(REPO))
+
+
 class Proc:
   """A worker process speaking `common.serve`'s line protocol."""
 
-  def __init__(self, framework: str, log_dir: Path):
+  def __init__(self, framework: str, log_dir: Path, huge_pages: bool):
     exe = sys.executable if framework == 'rmjax' else str(envs.python(framework))
-    env = {k: v for k, v in os.environ.items() if not k.startswith('JAX_COMPILATION_CACHE')}
-    env['PYTHONPATH'] = str(REPO)
+    env = worker_env(huge_pages)
     self.framework = framework
     self.log = open(log_dir / f'{framework}.log', 'a')
     self.p = subprocess.Popen([exe, '-m', MODULES[framework]], cwd=REPO, env=env, stdin=subprocess.PIPE,
@@ -129,7 +137,17 @@ def machine() -> dict:
   return {'cpu': info.get('model name', 'unknown'),
           'cpu_family_model': f'{info.get("cpu family", "?")}/{info.get("model", "?")}',
           'isa': isa.replace('avx512f', 'avx512'), 'cores': os.cpu_count(), 'threads_per_framework': common.THREADS,
-          'python': sys.version.split()[0]}
+          'python': sys.version.split()[0], 'transparent_hugepage': transparent_hugepage()}
+
+
+def transparent_hugepage() -> str:
+  """The kernel's transparent-huge-page mode ('always', 'madvise' or 'never'; 'unknown' off Linux):
+  `launch.local.HUGE_PAGES` takes effect under 'madvise', 'always' gives huge pages anyway, 'never' none."""
+  try:
+    text = Path('/sys/kernel/mm/transparent_hugepage/enabled').read_text()
+  except OSError:
+    return 'unknown'
+  return text.split('[', 1)[1].split(']', 1)[0] if '[' in text else text.strip()
 
 
 def stats(times: list[float]) -> dict:
@@ -149,7 +167,7 @@ def run_workload(w: dict, frameworks: list[str], args, log_dir: Path) -> dict:
   procs, setup = {}, {}
   try:
     for f in frameworks:
-      procs[f] = Proc(f, log_dir)
+      procs[f] = Proc(f, log_dir, args.huge_pages)
       setup[f] = procs[f].call('setup', **w['params'])
     procs['rmjax'].call('setup_dots', shapes={'step': list(w['matmul']), 'square_2048': [SQUARE] * 3})
     dot_times = {'step': [], 'square_2048': []}
@@ -268,6 +286,8 @@ def main(argv=None) -> int:
   ap.add_argument('--repeats', type=int, default=5, help='interleaved rounds per workload')
   ap.add_argument('--round-seconds', type=float, default=2.0, help='target seconds of one framework per round')
   ap.add_argument('--scaling-size', default='tiny', help='shape of the scaling sweep')
+  ap.add_argument('--no-huge-pages', dest='huge_pages', action='store_false',
+                  help=f'run the workers without GLIBC_TUNABLES={local.HUGE_PAGES} (glibc malloc on transparent huge pages)')
   ap.add_argument('--out', default=str(RESULTS), help='folder for the JSON results (and the scaling PNG)')
   args = ap.parse_args(argv)
   args.only = [x for x in args.only.split(',') if x]
@@ -282,7 +302,7 @@ def main(argv=None) -> int:
   stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
   log_dir = out_dir / f'logs-{stamp}'
   log_dir.mkdir(parents=True, exist_ok=True)
-  report = {'started': stamp, 'machine': machine(), 'load_start': loadavg(), 'optimizer': common.OPTIM,
+  report = {'started': stamp, 'machine': machine(), 'huge_pages': args.huge_pages, 'load_start': loadavg(), 'optimizer': common.OPTIM,
             'settings': {'rm': RM, 'generate': GEN, 'grpo': GRPO}, 'workloads': [], 'errors': []}
   print(f'machine: {report["machine"]}  load {report["load_start"]:.2f}', flush=True)
   for w in workloads(args):

@@ -62,7 +62,7 @@ def sweep(args, log_dir: Path, png: Path) -> dict:
   print(f'\n== scaling sweep [{size}] (rmjax)', flush=True)
   for step, point in (('RM step', rm_point), ('GRPO iteration', rl_point)):
     for dim, mults in MULTIPLIERS.items():
-      proc = Proc('rmjax', log_dir)
+      proc = Proc('rmjax', log_dir, args.huge_pages)
       times, flops = {m: [] for m in mults}, {}
       try:
         steps = {}

@@ -143,7 +143,7 @@ def submit(args: argparse.Namespace, fixed: Sequence[str]) -> tuple[list[local.P
       p.status, p.metrics = 'done', result
     else:
       todo.append(p)
-  env = {'PYTHONPATH': os.pathsep.join(filter(None, [str(local.ROOT), os.environ.get('PYTHONPATH')]))}
+  env = {k: v for k, v in local.point_env(os.environ).items() if k in ('PYTHONPATH', 'GLIBC_TUNABLES')}
   jobs = []
   if not todo:
     return points, jobs

@@ -39,6 +39,16 @@ def test_help_exits_zero():
   assert out.returncode == 0 and '--parallel' in out.stdout and 'usage' in out.stdout
 
 
+def test_points_run_with_the_repository_on_the_path_and_glibc_malloc_on_huge_pages():
+  from launch import local
+  env = local.point_env({'PYTHONPATH': 'lib', 'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2', 'HOME': '/h'})
+  assert env == {'PYTHONPATH': f'{ROOT.resolve()}{os.pathsep}lib', 'HOME': '/h',
+                 'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1'}
+  assert local.point_env({})['GLIBC_TUNABLES'] == 'glibc.malloc.hugetlb=1'
+  # A user's own choice stays.
+  assert local.point_env({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'})['GLIBC_TUNABLES'] == 'glibc.malloc.hugetlb=0'
+
+
 def test_bad_override_stops_before_any_point_runs(tmp_path):
   out = subprocess.run(RUNNER + ['--config=configs/sweeps/rm_lr.py:test', f'--workdir={tmp_path}',
                                  '--config.optim.lrr=1'], cwd=ROOT, capture_output=True, text=True, timeout=60)
