@@ -108,8 +108,8 @@ def point_command(spec: str, workdir: pathlib.Path, p: Point, fixed: Sequence[st
 
 
 # glibc's malloc asking the kernel for transparent huge pages (a tunable read when a process starts):
-# XLA:CPU maps its temporary buffers afresh at every call and faults in each 4 KiB page; with this the
-# `small` RM step and GRPO iteration ran 5-10% faster on CPU (docs/benchmarks.md, item 11).
+# XLA:CPU maps its temporary buffers afresh at every call and faults in each 4 KiB page; with this
+# `small` training steps ran 5-16% faster on CPU (docs/benchmarks.md, item 11).
 HUGE_PAGES = 'glibc.malloc.hugetlb=1'
 
 
