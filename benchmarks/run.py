@@ -287,7 +287,8 @@ def main(argv=None) -> int:
   ap.add_argument('--round-seconds', type=float, default=2.0, help='target seconds of one framework per round')
   ap.add_argument('--scaling-size', default='tiny', help='shape of the scaling sweep')
   ap.add_argument('--no-huge-pages', dest='huge_pages', action='store_false',
-                  help=f'run the workers without GLIBC_TUNABLES={local.HUGE_PAGES} (glibc malloc on transparent huge pages)')
+                  help=f'run the workers without GLIBC_TUNABLES={local.HUGE_PAGES} '
+                       '(glibc malloc on transparent huge pages)')
   ap.add_argument('--out', default=str(RESULTS), help='folder for the JSON results (and the scaling PNG)')
   args = ap.parse_args(argv)
   args.only = [x for x in args.only.split(',') if x]
@@ -302,8 +303,9 @@ def main(argv=None) -> int:
   stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
   log_dir = out_dir / f'logs-{stamp}'
   log_dir.mkdir(parents=True, exist_ok=True)
-  report = {'started': stamp, 'machine': machine(), 'huge_pages': args.huge_pages, 'load_start': loadavg(), 'optimizer': common.OPTIM,
-            'settings': {'rm': RM, 'generate': GEN, 'grpo': GRPO}, 'workloads': [], 'errors': []}
+  report = {'started': stamp, 'machine': machine(), 'huge_pages': args.huge_pages, 'load_start': loadavg(),
+            'optimizer': common.OPTIM, 'settings': {'rm': RM, 'generate': GEN, 'grpo': GRPO},
+            'workloads': [], 'errors': []}
   print(f'machine: {report["machine"]}  load {report["load_start"]:.2f}', flush=True)
   for w in workloads(args):
     frameworks = ['rmjax'] + [p for p in w['peers'] if p in peers]
