@@ -1,7 +1,8 @@
 """KV-cache sampling in one compiled loop, and no-cache token log-probabilities.
 
-`sample` prefills a cache of P slots with the left-padded prompts `[B, P]` in one call, adds
-the N - 1 slots decoding fills (`grow_cache`), then runs
+`sample` prefills a cache of P slots with the left-padded prompts `[R, P]` in one call, repeats
+each prompt's cache to the `group_size` rows that sample it (B = R·group_size), adds the N - 1
+slots decoding fills (`grow_cache`), then runs
 `lax.scan` over `max_new_tokens - 1` decode steps whose query length is 1. At step n it
 draws token n from the logits of the previous position:
 
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 
 from rmjax.models.config import ModelConfig
 from rmjax.models.transformer import (Params, check_inputs, default_positions, grow_cache, init_cache, lm_decode,
-                                     lm_logits)
+                                     lm_logits, repeat_cache, repeat_rows)
 
 
 class SampleOutput(NamedTuple):
@@ -163,14 +164,16 @@ def _choose(logits, key, temperature, top_p, top_k: int, use_top_p: bool):
   return token.astype(jnp.int32), logprob, policy_lp
 
 
-@functools.partial(jax.jit, static_argnames=('config', 'max_new_tokens', 'top_k', 'use_top_p', 'eos_id', 'pad_id'))
+@functools.partial(jax.jit, static_argnames=('config', 'max_new_tokens', 'top_k', 'use_top_p', 'eos_id', 'pad_id',
+                                             'group_size'))
 def _sample(params, config, prompt_tokens, prompt_mask, rng, temperature, top_p, *, max_new_tokens, top_k,
-            use_top_p, eos_id, pad_id):
-  batch, prompt_len = prompt_tokens.shape
+            use_top_p, eos_id, pad_id, group_size):
+  prompts, prompt_len = prompt_tokens.shape
+  batch = prompts * group_size
   temperature, top_p = _per_row(temperature), _per_row(top_p)
   logits, cache = lm_decode(params, config, prompt_tokens, prompt_mask, default_positions(prompt_mask),
-                            init_cache(config, batch, prompt_len), head_slice=slice(-1, None))
-  cache = grow_cache(cache, max_new_tokens - 1)
+                            init_cache(config, prompts, prompt_len), head_slice=slice(-1, None))
+  logits, cache = repeat_rows(logits, group_size), grow_cache(repeat_cache(cache, group_size), max_new_tokens - 1)
   keys = jax.random.split(rng, max_new_tokens)
   choose = functools.partial(_choose, temperature=temperature, top_p=top_p, top_k=top_k, use_top_p=use_top_p)
 
@@ -184,7 +187,7 @@ def _sample(params, config, prompt_tokens, prompt_mask, rng, temperature, top_p,
     return out, done
 
   first, done = emit(logits[:, -1], keys[0], jnp.zeros((batch,), bool))
-  pos0 = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)
+  pos0 = repeat_rows(jnp.sum(prompt_mask, axis=1, dtype=jnp.int32), group_size)
 
   def step(carry, key):
     cache, prev, done, pos = carry
@@ -200,15 +203,20 @@ def _sample(params, config, prompt_tokens, prompt_mask, rng, temperature, top_p,
 
 def sample(params: Params, config: ModelConfig, prompt_tokens: jax.Array, prompt_mask: jax.Array, rng: jax.Array,
            *, max_new_tokens: int, temperature: float | jax.Array = 1.0, top_k: int = 0,
-           top_p: float | jax.Array = 1.0, eos_id: int | None = None, pad_id: int = 0) -> SampleOutput:
-  """Samples `max_new_tokens` tokens after left-padded prompts `[B, P]` (mask True = real).
+           top_p: float | jax.Array = 1.0, eos_id: int | None = None, pad_id: int = 0,
+           group_size: int = 1) -> SampleOutput:
+  """Samples `max_new_tokens` tokens after left-padded prompts `[R, P]` (mask True = real), each
+  prompt `group_size` = k times: output row `i·k + j` is prompt i's j-th response (B = R·k rows).
+  Each prompt is prefilled once and its cache repeated to its k rows.
 
-  temperature, top_p: Python numbers or traced arrays (scalars, or `[B]` per row);
-  max_new_tokens, top_k (0 = off), eos_id, pad_id: static. The nucleus sort is skipped
+  temperature, top_p: Python numbers or traced arrays (scalars, or `[B]` per output row);
+  max_new_tokens, top_k (0 = off), eos_id, pad_id, group_size: static. The nucleus sort is skipped
   when top_p is the Python number 1.0 (or more) and top_k is 0. Jitted; a fixed `rng`
   gives the same samples. Requires `P + max_new_tokens - 1 <= config.max_len`.
   """
   prompt_tokens, prompt_mask, _ = check_inputs(config, prompt_tokens, prompt_mask, None)
+  if not isinstance(group_size, int) or group_size < 1:
+    raise ValueError(f'sample: group_size={group_size!r} must be a positive int.')
   if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise ValueError(f'sample: max_new_tokens={max_new_tokens!r} must be a positive int.')
   if not isinstance(top_k, int) or not 0 <= top_k <= config.vocab_size:
@@ -218,4 +226,4 @@ def sample(params: Params, config: ModelConfig, prompt_tokens: jax.Array, prompt
                      f'exceeds config.max_len={config.max_len}.')
   use_top_p = not (isinstance(top_p, (int, float)) and top_p >= 1.0)
   return _sample(params, config, prompt_tokens, prompt_mask, rng, temperature, top_p, max_new_tokens=max_new_tokens,
-                 top_k=top_k, use_top_p=use_top_p, eos_id=eos_id, pad_id=pad_id)
+                 top_k=top_k, use_top_p=use_top_p, eos_id=eos_id, pad_id=pad_id, group_size=group_size)

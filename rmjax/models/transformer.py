@@ -468,6 +468,19 @@ def grow_cache(cache: KVCache, slots: int) -> KVCache:
                  cache.index)
 
 
+def repeat_rows(x: jax.Array, repeats: int) -> jax.Array:
+  """Each row of `x [R, ...]` `repeats` times in consecutive rows: `[R·repeats, ...]` (`jnp.repeat` on
+  axis 0, as a broadcast and reshape)."""
+  return jnp.broadcast_to(x[:, None], (x.shape[0], repeats, *x.shape[1:])).reshape(-1, *x.shape[1:])
+
+
+def repeat_cache(cache: KVCache, repeats: int) -> KVCache:
+  """`cache` with each row repeated `repeats` times in consecutive rows: a prompt prefilled once
+  serves the `repeats` rows that continue it."""
+  rep = lambda x: repeat_rows(x, repeats)
+  return KVCache(tuple(map(rep, cache.k)), tuple(map(rep, cache.v)), rep(cache.valid), cache.index)
+
+
 def lm_decode(params: Params, config: ModelConfig, tokens: jax.Array, mask: jax.Array,
               positions: jax.Array, cache: KVCache, head_slice: slice | None = None) -> tuple[jax.Array, KVCache]:
   """Forward pass of `tokens [B, T]` against a cache: (logits `[B, T, V]`, updated cache).
@@ -483,3 +496,34 @@ def lm_decode(params: Params, config: ModelConfig, tokens: jax.Array, mask: jax.
   if tokens.shape[1] > cache.valid.shape[1]:
     raise ValueError(f'lm_decode: {tokens.shape[1]} tokens do not fit a cache of {cache.valid.shape[1]} slots.')
   return LanguageModel(config).apply({'params': params}, tokens, mask, positions, cache, head_slice=head_slice)
+
+
+def shared_prompt_logits(params: Params, config: ModelConfig, tokens: jax.Array, mask: jax.Array,
+                         prompt_len: int, group_size: int) -> jax.Array:
+  """`lm_logits(..., head_slice=slice(prompt_len - 1, -1))` `[B, L - prompt_len, V]`, the logits that
+  predict `tokens[:, prompt_len:]`, for rows in groups of `group_size` = k consecutive rows that
+  share their prompt (`tokens` and `mask` equal on `[:, :prompt_len]`, as when k responses are
+  drawn per prompt; not checked).
+
+  Each prompt runs once, as a prefill of a cache of `prompt_len` slots; the cache is repeated to
+  the k rows of its group and the responses' first L - prompt_len - 1 tokens run as one cached
+  pass (causal among themselves, attending to the prompt). The same logits to float32 rounding,
+  and differentiable like `lm_logits`; the prompt's FLOPs are divided by k.
+  """
+  tokens, mask, positions = check_inputs(config, tokens, mask, None)
+  b, length = tokens.shape
+  if group_size < 1 or b % group_size:
+    raise ValueError(f'shared_prompt_logits: {b} rows do not form groups of group_size={group_size}.')
+  if not 0 < prompt_len < length:
+    raise ValueError(f'shared_prompt_logits: prompt_len={prompt_len} must be in [1, {length - 1}] for {length} '
+                     'tokens.')
+  first = lambda x: x.reshape(b // group_size, group_size, *x.shape[1:])[:, 0, :prompt_len]
+  last, cache = lm_decode(params, config, first(tokens), first(mask), first(positions),
+                          init_cache(config, b // group_size, prompt_len), head_slice=slice(-1, None))
+  last = repeat_rows(last, group_size)
+  if length - prompt_len == 1:
+    return last
+  cache = grow_cache(repeat_cache(cache, group_size), length - prompt_len - 1)
+  rest, _ = lm_decode(params, config, tokens[:, prompt_len:-1], mask[:, prompt_len:-1],
+                      positions[:, prompt_len:-1], cache)
+  return jnp.concatenate([last, rest], axis=1)

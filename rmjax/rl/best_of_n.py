@@ -3,9 +3,9 @@
 Sampling (`best_of_n`): each prompt gets n responses, drawn in chunks of c (one `lax.scan` over
 n / c chunks inside one jit, so the scorer's activations stay `[P·c, L]` however large n is);
 each chunk is scored by `scorer` and reduced to one reward per response by `reward`, and a
-running argmax keeps the best response per prompt. Chunk j draws with `fold_in(rng, j)` from
-the prompts repeated c times in consecutive rows, so n = c = 1 is plain sampling with key
-`fold_in(rng, 0)`.
+running argmax keeps the best response per prompt. Chunk j draws with `fold_in(rng, j)` c
+responses per prompt in consecutive rows (`sampling.sample(group_size=c)`: each prompt prefilled
+once), so n = c = 1 is plain sampling with key `fold_in(rng, 0)`.
 
 KL of best-of-n against the sampling policy π (one documented measurement, `../shared/PITFALLS.md` #11):
 
@@ -156,9 +156,9 @@ def _best_of_n_impl(policy_params, reward_params, gold_params, prompt_tokens, pr
 
   def draw(carry, j):
     best_t, best_m, best_r = carry
-    out = sampling.sample(policy_params, policy_config, rows_t, rows_m, jax.random.fold_in(rng, j),
+    out = sampling.sample(policy_params, policy_config, prompt_tokens, prompt_mask, jax.random.fold_in(rng, j),
                           max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                          eos_id=eos_id, pad_id=pad_id)
+                          eos_id=eos_id, pad_id=pad_id, group_size=chunk)
     tokens = jnp.concatenate([rows_t, out.tokens], 1)
     mask = jnp.concatenate([rows_m, out.mask], 1)
     r = reward(scorer(reward_params, tokens, mask)).reshape(p, chunk)

@@ -189,9 +189,12 @@ def uses_value(objective_section: Any) -> bool:
 
 
 def response_logits(params, config: ModelConfig, tokens: jax.Array, mask: jax.Array, prompt_len: int,
-                    temperature: float) -> jax.Array:
-  """`logits / T` `[B, N, V]` predicting response tokens `tokens[:, prompt_len:]` (no cache; the LM
-  head runs on those N positions only)."""
+                    temperature: float, group_size: int = 1) -> jax.Array:
+  """`logits / T` `[B, N, V]` predicting response tokens `tokens[:, prompt_len:]` (the LM head runs on
+  those N positions only). With `group_size` k > 1 the rows are groups of k consecutive rows with
+  one prompt, as a rollout's are: each prompt runs once (`transformer.shared_prompt_logits`)."""
+  if group_size > 1:
+    return transformer.shared_prompt_logits(params, config, tokens, mask, prompt_len, group_size) / temperature
   return transformer.lm_logits(params, config, tokens, mask, head_slice=slice(prompt_len - 1, -1)) / temperature
 
 
@@ -324,8 +327,8 @@ def make_functions(policy_config: ModelConfig, objective_section: Any, settings:
   s = settings
   temp = float(s.temperature)
 
-  def policy_logits(params, tokens, mask, prompt_len):
-    return response_logits(params, policy_config, tokens, mask, prompt_len, temp)
+  def policy_logits(params, tokens, mask, prompt_len, group=1):
+    return response_logits(params, policy_config, tokens, mask, prompt_len, temp, group)
 
   def response_values(params, tokens, mask, prompt_len):
     v = value_model.values(params, value_config, tokens, mask)
@@ -355,11 +358,12 @@ def make_functions(policy_config: ModelConfig, objective_section: Any, settings:
       aux['clip_fraction'] = (piece_metrics['clipped'] * m).sum() / n_tok
     return loss, aux
 
-  def stats_of(logits, ref_params, tokens, mask, prompt_len):
-    """`token_stats` given the policy's response logits `[b, N, V]`: the reference runs here."""
+  def stats_of(logits, ref_params, tokens, mask, prompt_len, group=1):
+    """`token_stats` given the policy's response logits `[b, N, V]`: the reference runs here (each
+    prompt once per `group` consecutive rows)."""
     resp, rmask = tokens[:, prompt_len:], mask[:, prompt_len:]
     lp = jax.nn.log_softmax(logits, -1)
-    ref_logits = policy_logits(ref_params, tokens, mask, prompt_len)
+    ref_logits = policy_logits(ref_params, tokens, mask, prompt_len, group)
     ref = jax.nn.log_softmax(ref_logits, -1)
     p = jnp.exp(lp)
     return (picked(lp, resp, rmask), picked(ref, resp, rmask), -(p * lp).sum(-1), (p * (lp - ref)).sum(-1),
@@ -375,11 +379,12 @@ def make_functions(policy_config: ModelConfig, objective_section: Any, settings:
 
     return by_rows(chunk, s.minibatches, tokens, mask)
 
-  def row_chunks(tokens):
-    """`Settings.row_chunks` resolved for a rollout `[B, L]`."""
+  def row_chunks(tokens, group=1):
+    """`Settings.row_chunks` resolved for a rollout `[B, L]`; 'auto' keeps groups of `group`
+    consecutive rows in one block."""
     b, length = tokens.shape
     if s.row_chunks == accumulate.AUTO:
-      return accumulate.auto_steps(b, policy_config.num_heads * length * length, ATTENTION_ELEMENTS)
+      return accumulate.auto_steps(b // group, group * policy_config.num_heads * length * length, ATTENTION_ELEMENTS)
     return s.row_chunks
 
   def score(scorer_fn, params, tokens, mask):
@@ -393,11 +398,12 @@ def make_functions(policy_config: ModelConfig, objective_section: Any, settings:
       if getattr(s, name) != accumulate.AUTO and rows % getattr(s, name):
         raise ValueError(f'rl iteration: {rows} rollout rows (prompts × group_size) are not a multiple of '
                          f'{name}={getattr(s, name)}.')
-    prompt_tokens = jnp.repeat(batch['prompt_tokens'], s.group_size, axis=0)
-    prompt_mask = jnp.repeat(batch['prompt_mask'].astype(bool), s.group_size, axis=0)
-    out = sampling.sample(state.params['policy'], policy_config, prompt_tokens, prompt_mask, key,
+    prompt_mask = batch['prompt_mask'].astype(bool)
+    out = sampling.sample(state.params['policy'], policy_config, batch['prompt_tokens'], prompt_mask, key,
                           max_new_tokens=s.max_new_tokens, temperature=temp, top_k=s.top_k, top_p=s.top_p,
-                          eos_id=s.eos_id, pad_id=s.pad_id)
+                          eos_id=s.eos_id, pad_id=s.pad_id, group_size=s.group_size)
+    prompt_tokens = transformer.repeat_rows(batch['prompt_tokens'], s.group_size)
+    prompt_mask = transformer.repeat_rows(prompt_mask, s.group_size)
     tokens = jnp.concatenate([prompt_tokens, out.tokens], axis=1)
     mask = jnp.concatenate([prompt_mask, out.mask], axis=1)
     return tokens, mask, out
@@ -504,11 +510,12 @@ def make_functions(policy_config: ModelConfig, objective_section: Any, settings:
     `row_chunks` row blocks; each block's pullback (its residuals) is kept for the gradient."""
     tokens, mask, out = draw(state, batch, key)
     prompt_len = batch['prompt_tokens'].shape[1]
-    chunks, policy = row_chunks(tokens), state.params['policy']
+    chunks, policy = row_chunks(tokens, s.group_size), state.params['policy']
+    group = s.group_size if tokens.shape[0] // chunks % s.group_size == 0 else 1  # blocks of whole groups
 
     def forward(tok, msk):
-      logits, pullback = jax.vjp(lambda w: policy_logits(w, tok, msk, prompt_len), policy)
-      return logits, pullback, stats_of(logits, frozen.ref_params, tok, msk, prompt_len)
+      logits, pullback = jax.vjp(lambda w: policy_logits(w, tok, msk, prompt_len, group), policy)
+      return logits, pullback, stats_of(logits, frozen.ref_params, tok, msk, prompt_len, group)
 
     if chunks == 1:
       logits, pullback, stats = forward(tokens, mask)

@@ -194,6 +194,32 @@ def test_decode_is_one_loop_with_length_1_queries(setup):
   assert len(loops) == 1 and loops[0].params['length'] == N - 1
 
 
+def test_group_size_samples_each_prompt_k_times_from_one_prefill(setup, logprob_fn):
+  """`group_size=3` on 4 prompts: 12 rows, row 3i + j prompt i's; the same tokens and log-probs
+  (1e-5) as sampling the 12 repeated prompts with the same key, the policy log-probs those of the
+  no-cache model (1e-4), and the prefill's attention has the 4 prompts' rows only."""
+  params, tokens, mask = setup
+  tokens, mask = tokens[:4], mask[:4]
+  kw = dict(max_new_tokens=N, temperature=0.8, top_p=0.9, eos_id=3)
+  got = sampling.sample(params, LLAMA, tokens, mask, jax.random.key(5), group_size=3, **kw)
+  rows, row_mask = jnp.repeat(tokens, 3, 0), jnp.repeat(mask, 3, 0)
+  want = sampling.sample(params, LLAMA, rows, row_mask, jax.random.key(5), **kw)
+  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+  np.testing.assert_array_equal(np.asarray(got.mask), np.asarray(want.mask))
+  for name in ('logprobs', 'policy_logprobs'):
+    np.testing.assert_allclose(np.asarray(getattr(got, name)), np.asarray(getattr(want, name)), atol=1e-5, rtol=0)
+  assert len({tuple(r) for r in np.asarray(got.tokens)}) > 4  # the rows of a group differ
+  full_tokens, full_mask = _concat(rows, row_mask, got)
+  lp = np.asarray(logprob_fn(params, LLAMA, full_tokens, full_mask, 0.8))[:, tokens.shape[1]:]
+  np.testing.assert_allclose(np.asarray(got.policy_logprobs), np.where(np.asarray(got.mask), lp, 0), atol=1e-4)
+  jaxpr = jax.make_jaxpr(lambda p: sampling.sample(p, LLAMA, tokens, mask, jax.random.key(5), group_size=3, **kw))(
+      params)
+  dots, _ = _walk(jaxpr.jaxpr, False, [], [])
+  assert {shape[0] for in_loop, shape in dots if not in_loop} == {4} and {s[0] for _, s in dots} == {4, 12}
+  with pytest.raises(ValueError, match='group_size'):
+    sampling.sample(params, LLAMA, tokens, mask, jax.random.key(0), max_new_tokens=2, group_size=0)
+
+
 def test_token_logprobs_hand_check(setup, logprob_fn, logits_fn):
   """token_logprobs against log_softmax of the logits computed here, and its zeros."""
   params, _, _ = setup

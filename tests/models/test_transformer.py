@@ -117,6 +117,36 @@ def test_head_slice_gives_the_logits_of_those_positions(model):
   assert head_dots and all(np.prod(shape[:-1]) == len(ROWS) for shape in head_dots), head_dots
 
 
+def test_shared_prompt_logits_equal_the_plain_forward_and_its_gradients(model):
+  """Groups of k = 3 rows sharing a left-padded prompt (lengths 3, 5, 1), responses that end early
+  (mask False after): `shared_prompt_logits` gives the plain forward's response logits (atol 1e-5
+  on the positions of real tokens) and, through a loss on those logits, the same parameter
+  gradients (within 1e-5 of the largest entry); the prompts' dots run on one row per group."""
+  config, params, logits_fn = model
+  k, prompt_len = 3, 5
+  prompts, prompt_mask = pad_rows([ROWS[0][:3], ROWS[2][:5], ROWS[3]], prompt_len, 'left')
+  responses, response_mask = pad_rows([r[:n] for r in ROWS[:3] for n in (4, 2, 3)], 4, 'right')
+  tokens = jnp.concatenate([jnp.repeat(prompts, k, 0), responses], 1)
+  mask = jnp.concatenate([jnp.repeat(prompt_mask, k, 0), response_mask], 1)
+  real = np.asarray(mask[:, prompt_len - 1:-1])
+  weights = jax.random.normal(jax.random.key(3), (9, 4, config.vocab_size)) * real[..., None]
+  plain = lambda p: tf.lm_logits(p, config, tokens, mask, head_slice=slice(prompt_len - 1, -1))
+  shared = lambda p: tf.shared_prompt_logits(p, config, tokens, mask, prompt_len, k)
+  (want, want_grad), (got, got_grad) = (
+      jax.jit(lambda p, f=f: (f(p), jax.grad(lambda q: (f(q) * weights).sum())(p)))(params) for f in (plain, shared))
+  np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-5, rtol=0)
+  for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5 * float(jnp.abs(w).max()), rtol=0)
+  jaxpr = jax.make_jaxpr(shared)(params)
+  mlp_rows = {int(np.prod(e.outvars[0].aval.shape[:-1])) for e in jaxpr.eqns if e.primitive.name == 'dot_general'
+              and e.invars[1].aval.shape == (config.mlp_width, config.width)}  # the MLP's `down` dots
+  assert mlp_rows == {3 * prompt_len, 9 * 3}  # 3 prompts once; 9 rows × the first 3 response tokens
+  with pytest.raises(ValueError, match='groups of group_size=2'):
+    tf.shared_prompt_logits(params, config, tokens, mask, prompt_len, 2)
+  with pytest.raises(ValueError, match='prompt_len=9'):
+    tf.shared_prompt_logits(params, config, tokens, mask, 9, k)
+
+
 def test_bad_inputs_raise():
   config = get_size('tiny')
   params = jax.eval_shape(lambda k: tf.init_lm(k, config), jax.random.key(0))

@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from rmjax import objectives
+from rmjax.models import sampling
 from rmjax.models.reward_model import RewardModel
 from rmjax.rl import iteration as it
 from tests.rl.conftest import EOS, PAD, TINY, count_scorer, left_padded_prompts
@@ -275,9 +276,20 @@ def test_one_pass_update_equals_the_two_pass_update(policy_params):
     gap = [np.asarray(a - b) for a, b in zip(jax.tree.leaves(runs[name][0].params), jax.tree.leaves(plain.params))]
     assert norm(moved) > 1e-2 and norm(gap) < 1e-5 * norm(moved), name  # measured: 1.7e-6 of the update
     assert max(np.abs(x).max() for x in gap) < 1e-6, name
+  # Every dot of each program accounted for: the sampler's, then plain: the policy's and the
+  # reference's forward passes and the update's forward and backward; fused: the policy's forward
+  # and backward (each prompt once per group) and the reference's forward (the same).
   prompt_len = batch['prompt_tokens'].shape[1]
   tokens = jnp.zeros((8 * GROUP, prompt_len + 6), jnp.int32)
-  forward = jax.make_jaxpr(lambda p: it.response_logits(p, TINY, tokens, tokens > 0, prompt_len, 0.7))(
-      policy_params).jaxpr
-  dots = lambda jaxpr: _primitives(jaxpr, []).count('dot_general')
-  assert dots(programs['plain']) - dots(programs['fused']) == dots(forward) > 0
+  dots = lambda fn: _primitives(jax.make_jaxpr(fn)(policy_params).jaxpr, []).count('dot_general')
+  sampler = dots(lambda p: sampling.sample(p, TINY, batch['prompt_tokens'], batch['prompt_mask'], jax.random.key(0),
+                                           max_new_tokens=6, temperature=0.7, top_k=16, eos_id=EOS, pad_id=PAD,
+                                           group_size=GROUP))
+  forward = {k: (lambda p, k=k: it.response_logits(p, TINY, tokens, tokens > 0, prompt_len, 0.7, k))
+             for k in (1, GROUP)}
+  both = {k: dots(lambda p, f=f: (lambda out, pullback: pullback(out))(*jax.vjp(f, p))) for k, f in forward.items()}
+  forward = {k: dots(f) for k, f in forward.items()}
+  assert forward[GROUP] > forward[1] > 0  # the shared prompt's prefill and the responses' pass
+  count = lambda name: _primitives(programs[name], []).count('dot_general')
+  assert count('plain') == sampler + 2 * forward[1] + both[1]
+  assert count('fused') == sampler + forward[GROUP] + both[GROUP]
