@@ -46,6 +46,8 @@ copies nothing but its new slot), a key-validity mask `valid [B, S]` and a scala
 `index`. A call with a cache writes the new T keys/values at slots `index .. index + T - 1`
 and attends, from the query in slot `index + t`, to the filled, real slots `s <= index + t`.
 The caller keeps `index + T <= S` (`lax.dynamic_update_slice` would otherwise clamp the write).
+An `index` that is a Python int (known when tracing, as in `shared_prompt_logits`) lets the call
+attend in the no-cache pass's causal query blocks, through `attend` and its recomputing backward.
 """
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ Params = dict[str, Any]
 
 class KVCache(NamedTuple):
   """Decoding state: per-layer keys `k [B, KV, hd, S]` and values `v [B, KV, S, hd]`,
-  `valid [B, S]`, `index []` int32."""
+  `valid [B, S]`, `index []` int32 (or a Python int)."""
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
   valid: jax.Array
@@ -267,9 +269,11 @@ class Attention(nn.Module):
     g = h // kvh
     q = (q * hd ** -0.5).reshape(b, t, kvh, g, hd).transpose(0, 2, 3, 1, 4)
     k, v = k.astype(dtype), v.astype(dtype)
-    if kv is None:  # causal blocks of queries, each against the keys up to its last query
-      out = jnp.concatenate([attend(q[:, :, :, a:e], k[:, :, :e], v[:, :, :e], bias[..., a:e, :e])
-                             for a, e in query_blocks(t)], axis=3)
+    offset = 0 if kv is None else index  # the slot of the first query
+    if isinstance(offset, int):  # causal blocks of queries, each against the keys up to its last query
+      k = k if kv is None else jnp.swapaxes(k, -1, -2)
+      out = jnp.concatenate([attend(q[:, :, :, a:e], k[:, :, :offset + e], v[:, :, :offset + e],
+                                    bias[..., a:e, :offset + e]) for a, e in query_blocks(t)], axis=3)
     else:
       out = attend_cache(q, k, v, bias)
     out = out.astype(dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, h * hd)
@@ -523,7 +527,8 @@ def shared_prompt_logits(params: Params, config: ModelConfig, tokens: jax.Array,
   last = repeat_rows(last, group_size)
   if length - prompt_len == 1:
     return last
-  cache = grow_cache(repeat_cache(cache, group_size), length - prompt_len - 1)
+  # A static write index: the responses' pass then runs `attend` in causal query blocks.
+  cache = grow_cache(repeat_cache(cache, group_size), length - prompt_len - 1)._replace(index=prompt_len)
   rest, _ = lm_decode(params, config, tokens[:, prompt_len:-1], mask[:, prompt_len:-1],
                       positions[:, prompt_len:-1], cache)
   return jnp.concatenate([last, rest], axis=1)

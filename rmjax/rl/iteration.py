@@ -3,9 +3,9 @@
 `make_iteration(...)` returns a `jax.jit`-ed `iteration(state, frozen, batch) -> (state,
 metrics)` (state donated, static shapes) whose single XLA program holds
 
-  1. the rollout: each of the P prompts `[P, Lp]` (left-padded) repeated k = `group_size`
+  1. the rollout: each of the P prompts `[P, Lp]` (left-padded) sampled k = `group_size`
      times in consecutive rows (B = P·k), N = `max_new_tokens` tokens drawn by the KV-cache
-     sampler (`rmjax.models.sampling`, one `lax.scan` over tokens);
+     sampler (`rmjax.models.sampling`, one `lax.scan` over tokens; each prompt prefilled once);
   2. no-cache forward passes of the policy and of the frozen reference over prompt +
      response (`[B, Lp + N]`), giving log π_T and log π_ref,T of the sampled tokens, the
      entropy and the exact per-token KL, all under the temperature-scaled softmax
@@ -28,7 +28,9 @@ With one epoch of one minibatch (and no value model) steps 2 and 6 share the pol
 pass: `jax.vjp` of the policy's response logits gives the log-probs of step 2 and, once the
 loss's gradient with respect to those logits is known, the update's parameter gradient, so the
 policy runs forward once per iteration, as in a trainer that takes the old log-probs from its
-own update (`make_functions(one_pass=False)` keeps the separate pass).
+own update (`make_functions(one_pass=False)` keeps the separate pass). There the rows keep their
+rollout order, and the policy's and the reference's passes run each prompt once per group
+(`transformer.shared_prompt_logits`).
 
 The sampler's `policy_logprobs` agree with the trainer's no-cache recomputation of the same
 quantity to float32 rounding (metric `logp_mismatch`: max |Δ| / max(|log p|, 1), a few ulps,
@@ -114,9 +116,11 @@ class Settings:
   missing_eos_penalty: subtracted from the reward of a response without EOS (None: off).
   row_chunks: row blocks (a `lax.map`) for the forward passes over the whole rollout — the
     scorers', and with `one_pass` the policy's and the reference's; B must be a multiple. 'auto':
-    `accumulate.auto_steps(B, heads · L², ATTENTION_ELEMENTS)`, so on a single CPU device each
-    block's attention scores stay cache-sized (tiny, 32 rows × 256 tokens: a forward pass 97 →
-    32 ms in 4 blocks); 1 on accelerators and meshes.
+    `accumulate.auto_steps` over the P groups of k rows with a budget of `ATTENTION_ELEMENTS`
+    attention scores (heads · L² a row), so on a single CPU device each block's scores stay
+    cache-sized (tiny, 32 rows × 256 tokens: a forward pass 97 → 32 ms in 4 blocks) and each block
+    holds whole groups (their prompts then run once, see `make_functions`); 1 on accelerators and
+    meshes.
   """
   group_size: int = 1
   max_new_tokens: int = 16
@@ -298,7 +302,9 @@ def make_functions(policy_config: ModelConfig, objective_section: Any, settings:
     log-probs, the reward chain's log π, the entropy and KL metrics) come from the update's own
     forward pass (`jax.vjp`), so the policy runs forward once per iteration instead of twice;
     the update is the same (the ratio is exactly 1; within 1e-6 when `row_chunks` splits the
-    rows). False keeps the separate pass (for checks).
+    rows). Its passes (policy and reference) run each prompt once per group of k rows
+    (`transformer.shared_prompt_logits`) where the row blocks hold whole groups. False keeps the
+    separate pass (for checks).
 
   iteration(state, frozen, batch) -> (state, metrics); batch: `prompt_tokens [P, Lp]` int32,
     `prompt_mask [P, Lp]` bool (left-padded), optional `prompt_ids [P]` int32.

@@ -117,11 +117,15 @@ def test_head_slice_gives_the_logits_of_those_positions(model):
   assert head_dots and all(np.prod(shape[:-1]) == len(ROWS) for shape in head_dots), head_dots
 
 
-def test_shared_prompt_logits_equal_the_plain_forward_and_its_gradients(model):
+@pytest.mark.parametrize('block', [2, tf.QUERY_BLOCK])
+def test_shared_prompt_logits_equal_the_plain_forward_and_its_gradients(model, block, monkeypatch):
   """Groups of k = 3 rows sharing a left-padded prompt (lengths 3, 5, 1), responses that end early
   (mask False after): `shared_prompt_logits` gives the plain forward's response logits (atol 1e-5
   on the positions of real tokens) and, through a loss on those logits, the same parameter
-  gradients (within 1e-5 of the largest entry); the prompts' dots run on one row per group."""
+  gradients (within 1e-5 of the largest entry), with the responses' pass in causal query blocks
+  (of 2: blocks [0, 2), [2, 3) after the 5 prompt slots) or in one; the prompts' dots run on one
+  row per group."""
+  monkeypatch.setattr(tf, 'QUERY_BLOCK', block)
   config, params, logits_fn = model
   k, prompt_len = 3, 5
   prompts, prompt_mask = pad_rows([ROWS[0][:3], ROWS[2][:5], ROWS[3]], prompt_len, 'left')
@@ -141,6 +145,8 @@ def test_shared_prompt_logits_equal_the_plain_forward_and_its_gradients(model):
   mlp_rows = {int(np.prod(e.outvars[0].aval.shape[:-1])) for e in jaxpr.eqns if e.primitive.name == 'dot_general'
               and e.invars[1].aval.shape == (config.mlp_width, config.width)}  # the MLP's `down` dots
   assert mlp_rows == {3 * prompt_len, 9 * 3}  # 3 prompts once; 9 rows × the first 3 response tokens
+  blocks = str(jaxpr).count('custom_vjp_call')  # `attend` of the responses' pass, one call per block
+  assert blocks == (2 if block == 2 else 1) * config.num_layers
   with pytest.raises(ValueError, match='groups of group_size=2'):
     tf.shared_prompt_logits(params, config, tokens, mask, prompt_len, 2)
   with pytest.raises(ValueError, match='prompt_len=9'):
