@@ -99,6 +99,24 @@ def test_scanned_kv_cache_decode_matches_per_layer(lm):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
+def test_scanned_rematted_shared_prompt_logits_match_the_per_layer_plain_pass(lm):
+  """`shared_prompt_logits` (its responses' pass at a static cache index) under the layer scan and
+  block remat: the per-layer plain pass's response logits (atol 1e-5) and parameter gradients
+  (within 1e-5 of the largest entry); 2 prompts × 3 rows, 5 prompt and 3 response tokens."""
+  params, tokens, _ = lm
+  tokens = jnp.concatenate([jnp.repeat(tokens[:2, :5], 3, 0), jnp.asarray(np.arange(18).reshape(6, 3) + 1)], 1)
+  mask = jnp.ones_like(tokens, bool)
+  scanned, stacked = CFG3.replace(scan_layers=True, remat='block'), tf.stack_layers(params, 3)
+  plain = lambda p: tf.lm_logits(p, CFG3, tokens, mask, head_slice=slice(4, -1))
+  shared = lambda p: tf.shared_prompt_logits(p, scanned, tokens, mask, 5, 3)
+  weights = jax.random.normal(jax.random.key(2), (6, 3, CFG3.vocab_size))
+  (want, want_grad), (got, got_grad) = (jax.jit(lambda p, f=f: (f(p), jax.grad(lambda q: (f(q) * weights).sum())(p)))(x)
+                                        for f, x in ((plain, params), (shared, stacked)))
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+  for a, b in zip(jax.tree.leaves(tf.unstack_layers(got_grad, 3)), jax.tree.leaves(want_grad)):
+    np.testing.assert_allclose(a, b, atol=1e-5 * float(jnp.abs(b).max()), rtol=0)
+
+
 def test_scanned_reward_ensemble_matches_per_layer():
   rm, rm_scan = RewardModel(CFG3, 2, 'full'), RewardModel(CFG3.replace(scan_layers=True), 2, 'full')
   params = jax.jit(lambda k: randomize(rm.init(k), seed=3))(jax.random.key(2))
