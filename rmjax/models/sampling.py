@@ -171,9 +171,11 @@ def _sample(params, config, prompt_tokens, prompt_mask, rng, temperature, top_p,
   prompts, prompt_len = prompt_tokens.shape
   batch = prompts * group_size
   temperature, top_p = _per_row(temperature), _per_row(top_p)
+  # The prefill at a static cache index runs in causal query blocks; the decode loop carries an array.
   logits, cache = lm_decode(params, config, prompt_tokens, prompt_mask, default_positions(prompt_mask),
-                            init_cache(config, prompts, prompt_len), head_slice=slice(-1, None))
-  logits, cache = repeat_rows(logits, group_size), grow_cache(repeat_cache(cache, group_size), max_new_tokens - 1)
+                            init_cache(config, prompts, prompt_len)._replace(index=0), head_slice=slice(-1, None))
+  cache = grow_cache(repeat_cache(cache, group_size), max_new_tokens - 1)._replace(index=jnp.int32(prompt_len))
+  logits = repeat_rows(logits, group_size)
   keys = jax.random.split(rng, max_new_tokens)
   choose = functools.partial(_choose, temperature=temperature, top_p=top_p, top_k=top_k, use_top_p=use_top_p)
 

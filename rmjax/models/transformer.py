@@ -522,13 +522,13 @@ def shared_prompt_logits(params: Params, config: ModelConfig, tokens: jax.Array,
     raise ValueError(f'shared_prompt_logits: prompt_len={prompt_len} must be in [1, {length - 1}] for {length} '
                      'tokens.')
   first = lambda x: x.reshape(b // group_size, group_size, *x.shape[1:])[:, 0, :prompt_len]
+  # Static write indices (0, then prompt_len): both passes run `attend` in causal query blocks.
   last, cache = lm_decode(params, config, first(tokens), first(mask), first(positions),
-                          init_cache(config, b // group_size, prompt_len), head_slice=slice(-1, None))
+                          init_cache(config, b // group_size, prompt_len)._replace(index=0), head_slice=slice(-1, None))
   last = repeat_rows(last, group_size)
   if length - prompt_len == 1:
     return last
-  # A static write index: the responses' pass then runs `attend` in causal query blocks.
-  cache = grow_cache(repeat_cache(cache, group_size), length - prompt_len - 1)._replace(index=prompt_len)
+  cache = grow_cache(repeat_cache(cache, group_size), length - prompt_len - 1)
   rest, _ = lm_decode(params, config, tokens[:, prompt_len:-1], mask[:, prompt_len:-1],
                       positions[:, prompt_len:-1], cache)
   return jnp.concatenate([last, rest], axis=1)

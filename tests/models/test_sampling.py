@@ -194,10 +194,12 @@ def test_decode_is_one_loop_with_length_1_queries(setup):
   assert len(loops) == 1 and loops[0].params['length'] == N - 1
 
 
-def test_group_size_samples_each_prompt_k_times_from_one_prefill(setup, logprob_fn):
+def test_group_size_samples_each_prompt_k_times_from_one_prefill(setup, logprob_fn, monkeypatch):
   """`group_size=3` on 4 prompts: 12 rows, row 3i + j prompt i's; the same tokens and log-probs
   (1e-5) as sampling the 12 repeated prompts with the same key, the policy log-probs those of the
-  no-cache model (1e-4), and the prefill's attention has the 4 prompts' rows only."""
+  no-cache model (1e-4), and the prefill's attention has the 4 prompts' rows only. The prefill
+  runs in causal query blocks of 2 here ([0, 2), [2, 4), [4, 5) of the 5 prompt slots)."""
+  monkeypatch.setattr(tf, 'QUERY_BLOCK', 2)
   params, tokens, mask = setup
   tokens, mask = tokens[:4], mask[:4]
   kw = dict(max_new_tokens=N, temperature=0.8, top_p=0.9, eos_id=3)
@@ -216,6 +218,7 @@ def test_group_size_samples_each_prompt_k_times_from_one_prefill(setup, logprob_
       params)
   dots, _ = _walk(jaxpr.jaxpr, False, [], [])
   assert {shape[0] for in_loop, shape in dots if not in_loop} == {4} and {s[0] for _, s in dots} == {4, 12}
+  assert sorted({shape[-2:] for in_loop, shape in dots if not in_loop}) == [(1, 5), (2, 2), (2, 4)]
   with pytest.raises(ValueError, match='group_size'):
     sampling.sample(params, LLAMA, tokens, mask, jax.random.key(0), max_new_tokens=2, group_size=0)
 

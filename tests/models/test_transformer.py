@@ -122,9 +122,9 @@ def test_shared_prompt_logits_equal_the_plain_forward_and_its_gradients(model, b
   """Groups of k = 3 rows sharing a left-padded prompt (lengths 3, 5, 1), responses that end early
   (mask False after): `shared_prompt_logits` gives the plain forward's response logits (atol 1e-5
   on the positions of real tokens) and, through a loss on those logits, the same parameter
-  gradients (within 1e-5 of the largest entry), with the responses' pass in causal query blocks
-  (of 2: blocks [0, 2), [2, 3) after the 5 prompt slots) or in one; the prompts' dots run on one
-  row per group."""
+  gradients (within 1e-5 of the largest entry), with both passes in causal query blocks (of 2: the
+  prompt's [0, 2), [2, 4), [4, 5), the responses' [0, 2), [2, 3) after the 5 prompt slots) or in
+  one each; the prompts' dots run on one row per group."""
   monkeypatch.setattr(tf, 'QUERY_BLOCK', block)
   config, params, logits_fn = model
   k, prompt_len = 3, 5
@@ -145,8 +145,8 @@ def test_shared_prompt_logits_equal_the_plain_forward_and_its_gradients(model, b
   mlp_rows = {int(np.prod(e.outvars[0].aval.shape[:-1])) for e in jaxpr.eqns if e.primitive.name == 'dot_general'
               and e.invars[1].aval.shape == (config.mlp_width, config.width)}  # the MLP's `down` dots
   assert mlp_rows == {3 * prompt_len, 9 * 3}  # 3 prompts once; 9 rows × the first 3 response tokens
-  blocks = str(jaxpr).count('custom_vjp_call')  # `attend` of the responses' pass, one call per block
-  assert blocks == (2 if block == 2 else 1) * config.num_layers
+  blocks = str(jaxpr).count('custom_vjp_call')  # `attend`, one call per query block of either pass
+  assert blocks == ((3 + 2) if block == 2 else (1 + 1)) * config.num_layers
   with pytest.raises(ValueError, match='groups of group_size=2'):
     tf.shared_prompt_logits(params, config, tokens, mask, prompt_len, 2)
   with pytest.raises(ValueError, match='prompt_len=9'):
