@@ -51,6 +51,7 @@ attend in the no-cache pass's causal query blocks, through `attend` and its reco
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -176,41 +177,60 @@ def _weighted_values(s, v):
   return out, top, mass
 
 
-@jax.custom_vjp
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
+           blocks: tuple[tuple[int, int, int], ...] | None = None) -> jax.Array:
   """`softmax(q kᵀ + bias) v` float32 `[B, KV, G, T, hd]` for the queries of each KV group,
   q `[B, KV, G, T, hd]` (already scaled), k, v `[B, KV, S, hd]`, bias `[B, 1, 1, T, S]`
-  float32 (0 or the most negative float).
+  float32 (0 or the most negative float). `blocks` (static): query rows `[a, e)` attend to
+  keys `[0, s)` for each `(a, e, s)`, the rows covering `[0, T)` in order (`query_blocks`);
+  the keys past `s` must be masked for those rows. None: one block, all rows against all keys.
 
   Forward: `W = exp(s - max s)`, `out = (W v) / Σ_s W` (normalised after the value product:
   fewer passes over `[T, S]`). The backward keeps only q, k, v, out, `max s` and `Σ_s W`
   (`[B, KV, G, T, 1]` each), not the `[T, S]` weights, and recomputes `P = W / Σ_s W`
   (Dao et al. 2022, "FlashAttention", Alg. 4; a log-normaliser `max s + log Σ_s W` would
   round to `max s` on a row with no real key, where s is the most negative float):
-  `dv = Pᵀ dout`, `ds = P ∘ (dout vᵀ - rowsum(dout ∘ out))`, `dq = ds k`, `dk = dsᵀ q`.
-  Autodiff would keep W itself, `B·H·T·S` floats per layer, and RL passes over long
-  rollouts spend more time storing and reloading it than on its arithmetic.
+  `dv = Pᵀ dout`, `ds = P ∘ (dout vᵀ - rowsum(dout ∘ out))`, `dq = ds k`, `dk = dsᵀ q`,
+  block by block, dk and dv summed in place over the blocks (autodiff through per-block slices
+  sums one padded copy per block instead: 20% of a `tiny` RM step at 512 tokens, item 13 of
+  docs/benchmarks.md). Autodiff would also keep W itself, `B·H·T·S` floats per layer, and RL
+  passes over long rollouts spend more time storing and reloading it than on its arithmetic.
   """
-  return _attend_fwd(q, k, v, bias)[0]
+  return _attend(q, k, v, bias, blocks or ((0, q.shape[3], k.shape[2]),))
 
 
-def _attend_fwd(q, k, v, bias):
-  out, top, mass = _weighted_values(_scores(q, k, bias), v)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attend(q, k, v, bias, blocks):
+  return _attend_fwd(q, k, v, bias, blocks)[0]
+
+
+def _attend_fwd(q, k, v, bias, blocks):
+  parts = [_weighted_values(_scores(q[:, :, :, a:e], k[:, :, :s], bias[..., a:e, :s]), v[:, :, :s])
+           for a, e, s in blocks]
+  out, top, mass = (jnp.concatenate(x, axis=3) for x in zip(*parts))
   return out, (q, k, v, bias, out, top, mass)
 
 
-def _attend_bwd(res, dout):
+def _attend_bwd(blocks, res, dout):
   q, k, v, bias, out, top, mass = res
-  p = jnp.exp(_scores(q, k, bias) - top) / mass
-  dv = jnp.einsum('bkgts,bkgtd->bksd', p.astype(v.dtype), dout.astype(v.dtype), preferred_element_type=jnp.float32)
-  dp = jnp.einsum('bkgtd,bksd->bkgts', dout.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  ds = (p * (dp - jnp.sum(dout * out, axis=-1, keepdims=True))).astype(q.dtype)
-  dq = jnp.einsum('bkgts,bksd->bkgtd', ds, k, preferred_element_type=jnp.float32)
-  dk = jnp.einsum('bkgts,bkgtd->bksd', ds, q, preferred_element_type=jnp.float32)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), jnp.zeros_like(bias)
+  dq, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+  for a, e, s in blocks:
+    rows = lambda x: x[:, :, :, a:e]
+    qb, kb, vb, do = rows(q), k[:, :, :s], v[:, :, :s], rows(dout)
+    p = jnp.exp(_scores(qb, kb, bias[..., a:e, :s]) - rows(top)) / rows(mass)
+    dp = jnp.einsum('bkgtd,bksd->bkgts', do.astype(v.dtype), vb, preferred_element_type=jnp.float32)
+    ds = (p * (dp - jnp.sum(do * rows(out), axis=-1, keepdims=True))).astype(q.dtype)
+    dq.append(jnp.einsum('bkgts,bksd->bkgtd', ds, kb, preferred_element_type=jnp.float32))
+    dk = jax.lax.dynamic_update_slice_in_dim(
+        dk, dk[:, :, :s] + jnp.einsum('bkgts,bkgtd->bksd', ds, qb, preferred_element_type=jnp.float32), 0, axis=2)
+    dv = jax.lax.dynamic_update_slice_in_dim(
+        dv, dv[:, :, :s] + jnp.einsum('bkgts,bkgtd->bksd', p.astype(v.dtype), do.astype(v.dtype),
+                                      preferred_element_type=jnp.float32), 0, axis=2)
+  return (jnp.concatenate(dq, axis=3).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
+          jnp.zeros_like(bias))
 
 
-attend.defvjp(_attend_fwd, _attend_bwd)
+_attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def attend_cache(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
@@ -272,8 +292,7 @@ class Attention(nn.Module):
     offset = 0 if kv is None else index  # the slot of the first query
     if isinstance(offset, int):  # causal blocks of queries, each against the keys up to its last query
       k = k if kv is None else jnp.swapaxes(k, -1, -2)
-      out = jnp.concatenate([attend(q[:, :, :, a:e], k[:, :, :offset + e], v[:, :, :offset + e],
-                                    bias[..., a:e, :offset + e]) for a, e in query_blocks(t)], axis=3)
+      out = attend(q, k, v, bias, tuple((a, e, offset + e) for a, e in query_blocks(t)))
     else:
       out = attend_cache(q, k, v, bias)
     out = out.astype(dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, h * hd)

@@ -1,4 +1,6 @@
 """Transformer: parameter counts, a numpy reference, padding invariance, the KV cache."""
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,6 +119,18 @@ def test_head_slice_gives_the_logits_of_those_positions(model):
   assert head_dots and all(np.prod(shape[:-1]) == len(ROWS) for shape in head_dots), head_dots
 
 
+def score_blocks(fn, *args) -> list[tuple[int, int]]:
+  """(query rows, keys) of every score product `attend` forms while `fn(*args)` is traced."""
+  shapes, scores = [], tf._scores
+  def recording(q, k, bias, keys='bksd'):
+    shapes.append((q.shape[3], k.shape[2 if keys == 'bksd' else 3]))
+    return scores(q, k, bias, keys)
+  jax.clear_caches()  # traces cached from earlier calls would not call `_scores` again
+  with mock.patch.object(tf, '_scores', recording):
+    jax.make_jaxpr(fn)(*args)
+  return shapes
+
+
 @pytest.mark.parametrize('block', [2, tf.QUERY_BLOCK])
 def test_shared_prompt_logits_equal_the_plain_forward_and_its_gradients(model, block, monkeypatch):
   """Groups of k = 3 rows sharing a left-padded prompt (lengths 3, 5, 1), responses that end early
@@ -145,8 +159,8 @@ def test_shared_prompt_logits_equal_the_plain_forward_and_its_gradients(model, b
   mlp_rows = {int(np.prod(e.outvars[0].aval.shape[:-1])) for e in jaxpr.eqns if e.primitive.name == 'dot_general'
               and e.invars[1].aval.shape == (config.mlp_width, config.width)}  # the MLP's `down` dots
   assert mlp_rows == {3 * prompt_len, 9 * 3}  # 3 prompts once; 9 rows × the first 3 response tokens
-  blocks = str(jaxpr).count('custom_vjp_call')  # `attend`, one call per query block of either pass
-  assert blocks == ((3 + 2) if block == 2 else (1 + 1)) * config.num_layers
+  prompt_blocks, response_blocks = ([(2, 2), (2, 4), (1, 5)], [(2, 7), (1, 8)]) if block == 2 else ([(5, 5)], [(3, 8)])
+  assert score_blocks(shared, params) == prompt_blocks * config.num_layers + response_blocks * config.num_layers
   with pytest.raises(ValueError, match='groups of group_size=2'):
     tf.shared_prompt_logits(params, config, tokens, mask, prompt_len, 2)
   with pytest.raises(ValueError, match='prompt_len=9'):
@@ -172,10 +186,13 @@ def _plain_attention(q, k, v, bias):
   return jnp.einsum('bkgts,bksd->bkgtd', jax.nn.softmax(s, axis=-1), v)
 
 
-def test_attend_value_and_gradients_match_plain_softmax_attention():
+@pytest.mark.parametrize('blocks', [None, ((0, 2, 2), (2, 4, 4), (4, 5, 5))])
+def test_attend_value_and_gradients_match_plain_softmax_attention(blocks):
   """`attend` (custom VJP, weights recomputed in the backward) against autodiff through plain
   softmax attention: values and the gradients of q, k, v within 1e-5 (float32; both are
-  O(1)), for 2 KV groups of 2 queries, causal keys, left padding and an all-padding row.
+  O(1)), for 2 KV groups of 2 queries, causal keys, left padding and an all-padding row, in one
+  block and in causal query blocks [0, 2), [2, 4), [4, 5) (each against the keys up to its end;
+  the queries with no real key, whose output is garbage either way, get a zero cotangent).
   Its pullback keeps no `[T, S]` array."""
   b, kvh, g, t, hd = 3, 2, 2, 5, 4
   rng = np.random.default_rng(0)
@@ -185,15 +202,20 @@ def test_attend_value_and_gradients_match_plain_softmax_attention():
   real[2] = False      # no real key at all: uniform weights, finite
   allowed = real[:, None, :] & np.tril(np.ones((t, t), bool))[None]
   bias = jnp.asarray(np.where(allowed, 0.0, np.finfo(np.float32).min)[:, None, None], jnp.float32)
-  cot = jnp.asarray(rng.normal(size=(b, kvh, g, t, hd)), jnp.float32)
+  answered = allowed.any(-1)[:, None, None, :, None]  # [B, 1, 1, T, 1]: the query has a real key
+  if blocks is None:
+    answered = np.ones_like(answered)
+  cot = jnp.asarray(rng.normal(size=(b, kvh, g, t, hd)) * answered, jnp.float32)
+  blocked = lambda q, k, v, bias: tf.attend(q, k, v, bias, blocks)
   loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v, bias) * cot)
-  np.testing.assert_allclose(tf.attend(q, k, v, bias), _plain_attention(q, k, v, bias), atol=1e-5, rtol=0)
-  got = jax.grad(loss(tf.attend), argnums=(0, 1, 2))(q, k, v)
+  np.testing.assert_allclose(np.where(answered, blocked(q, k, v, bias), 0),
+                             np.where(answered, _plain_attention(q, k, v, bias), 0), atol=1e-5, rtol=0)
+  got = jax.grad(loss(blocked), argnums=(0, 1, 2))(q, k, v)
   want = jax.grad(loss(_plain_attention), argnums=(0, 1, 2))(q, k, v)
   for name, x, y in zip('qkv', got, want):
     assert np.all(np.isfinite(x)), name
     np.testing.assert_allclose(x, y, atol=1e-5, rtol=0, err_msg=name)
-  _, pullback = jax.vjp(tf.attend, q, k, v, bias)
+  _, pullback = jax.vjp(blocked, q, k, v, bias)
   assert all(x.shape[-2:] != (t, t) or x.shape[1] == 1 for x in jax.tree_util.tree_leaves(pullback))
 
 
@@ -212,11 +234,12 @@ def test_query_blocks_leave_real_rows_and_gradients_unchanged(model, monkeypatch
     tokens, mask = (jnp.concatenate(x) for x in zip(pad_rows(ROWS[:2], 11, 'left'), pad_rows(ROWS[2:], 11, 'right')))
     logits = lambda p: tf.lm_logits(p, config, tokens, mask)
     loss = lambda p: jnp.sum(jax.nn.log_softmax(logits(p))[..., 0] * mask)
-    calls = str(jax.make_jaxpr(loss)(params)).count('custom_vjp_call')  # one per attention block
-    return jax.jit(logits)(params)[mask], jax.jit(jax.grad(loss))(params), calls
+    return jax.jit(logits)(params)[mask], jax.jit(jax.grad(loss))(params), score_blocks(jax.grad(loss), params)
 
-  (l3, g3, calls3), (l1, g1, calls1) = run(3), run(1000)
-  assert (calls3, calls1) == (4 * config.num_layers, config.num_layers)
+  (l3, g3, blocks3), (l1, g1, blocks1) = run(3), run(1000)
+  # per layer: the forward's blocks, then the backward's recomputation of them
+  assert blocks3 == [(3, 3), (3, 6), (3, 9), (2, 11)] * 2 * config.num_layers
+  assert blocks1 == [(11, 11)] * 2 * config.num_layers
   np.testing.assert_allclose(l3, l1, atol=1e-5, rtol=0)
   scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(g1))
   for a, b in zip(jax.tree.leaves(g3), jax.tree.leaves(g1)):
