@@ -35,7 +35,7 @@ c_fc, mlp.c_proj` weights are already `[in, out]` and map as they are. Every pro
 one 2-D dot over the flattened `[B*T, D]` input (much faster than a 3-D dot on XLA:CPU).
 
 Masking: `tokens [B, T] int32`, `mask [B, T] bool` (True = real token), `positions [B, T]`
-(default `default_positions(mask) = max(cumsum(mask) - 1, 0)`). Attention is causal and
+in `[0, max_len)` (default `default_positions(mask) = max(cumsum(mask) - 1, 0)`). Attention is causal and
 restricted to real keys; a query with no real key (an all-padding row, or left padding)
 gets uniform weights over its masked keys, so no NaN appears (its output is garbage and
 should be masked by the caller).
@@ -58,6 +58,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rmjax.models.config import ModelConfig
 from rmjax.models.heads import INIT_STD, LMHead, flat_dot
@@ -116,8 +117,12 @@ class Norm(nn.Module):
     return y.astype(jnp.dtype(c.dtype))
 
 
-def rope_tables(positions: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
-  """cos, sin `[B, T, 1, hd/2]` of angles `positions * w_i`, i < hd/2 (RoFormer), in float32.
+ROPE_TABLE_ENTRIES = 1 << 20
+"""Largest `max_len × hd/2` whose rotary tables are built once as constants and gathered (4 MiB each)."""
+
+
+def rope_frequencies(config: ModelConfig) -> tuple[np.ndarray, float]:
+  """(w `[hd/2]` float64, attention scale) of the rotary embedding (RoFormer).
 
   w_i = rope_theta^(-2i/hd) for 'default', rescaled per `config.rope_type` ('linear', 'llama3',
   'yarn'; formulas and sources in `ModelConfig`); for 'yarn' cos and sin are also multiplied
@@ -125,14 +130,14 @@ def rope_tables(positions: jax.Array, config: ModelConfig) -> tuple[jax.Array, j
   """
   c = config
   hd = c.head_width
-  inv_freq = c.rope_theta ** (-jnp.arange(0, hd, 2, dtype=jnp.float32) / hd)
+  inv_freq = c.rope_theta ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
   scale = 1.0
   if c.rope_type == 'linear':
     inv_freq = inv_freq / c.rope_factor
   elif c.rope_type == 'llama3':
     # g = L / wavelength, mapped from [low, high] onto [0, 1]: 0 -> w / s, 1 -> w.
     rotations = c.rope_original_max_len * inv_freq / (2 * math.pi)
-    g = jnp.clip((rotations - c.rope_low_freq_factor) / (c.rope_high_freq_factor - c.rope_low_freq_factor), 0, 1)
+    g = np.clip((rotations - c.rope_low_freq_factor) / (c.rope_high_freq_factor - c.rope_low_freq_factor), 0, 1)
     inv_freq = (1 - g) * inv_freq / c.rope_factor + g * inv_freq
   elif c.rope_type == 'yarn':
     def index(rotations):  # the (fractional) i whose frequency turns `rotations` times over L
@@ -142,16 +147,33 @@ def rope_tables(positions: jax.Array, config: ModelConfig) -> tuple[jax.Array, j
       low, high = math.floor(low), math.ceil(high)
     low, high = max(low, 0), min(high, hd - 1)
     high = high + 0.001 if low == high else high
-    ramp = jnp.clip((jnp.arange(hd // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)  # 1 - g_i
+    ramp = np.clip((np.arange(hd // 2, dtype=np.float64) - low) / (high - low), 0, 1)  # 1 - g_i
     inv_freq = ramp * inv_freq / c.rope_factor + (1 - ramp) * inv_freq
     scale = c.rope_attention_factor
     if scale is None:
       scale = 0.1 * math.log(c.rope_factor) + 1.0 if c.rope_factor > 1 else 1.0
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq
-  cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
-  if scale != 1.0:
-    cos, sin = cos * scale, sin * scale
-  return cos, sin
+  return inv_freq, scale
+
+
+def rope_tables(positions: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
+  """scale · (cos, sin) `[B, T, 1, hd/2]` float32 of the angles `positions · w_i`
+  (`rope_frequencies`); positions must lie in `[0, max_len)`.
+
+  When `max_len × hd/2 ≤ ROPE_TABLE_ENTRIES` the tables of every position are computed once, in
+  float64, as constants of the program, and the rows of `positions` are gathered (a position out
+  of range gives NaN): XLA:CPU otherwise re-evaluates cos and sin inside every fusion that
+  applies them, per head, in each layer's forward and backward (8–10% of a `tiny` RM step,
+  docs/benchmarks.md item 14). Longer contexts compute the angles in float32 at run time.
+  """
+  inv_freq, scale = rope_frequencies(config)
+  if config.max_len * inv_freq.size <= ROPE_TABLE_ENTRIES:
+    angles = np.arange(config.max_len, dtype=np.float64)[:, None] * inv_freq
+    cos, sin = (jnp.take(jnp.asarray(scale * f(angles), jnp.float32), positions, axis=0, mode='fill',
+                         fill_value=jnp.nan) for f in (np.cos, np.sin))
+  else:
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    cos, sin = scale * jnp.cos(angles), scale * jnp.sin(angles)
+  return cos[:, :, None, :], sin[:, :, None, :]
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

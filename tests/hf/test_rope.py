@@ -16,6 +16,7 @@ import torch  # the [hf] extra, installed by README's test command and CI
 import transformers
 
 from rmjax.models import ModelConfig, hf, lm_logits
+from rmjax.models import transformer
 from rmjax.models.transformer import rope_tables
 
 HD, THETA, L, S = 32, 10000.0, 64, 4.0  # head width, base, original length, factor
@@ -30,7 +31,7 @@ SCALINGS = {
 
 def _config(**rope):
   return ModelConfig(vocab_size=64, width=64, mlp_width=64, num_layers=1, num_heads=2, num_kv_heads=1,
-                     rope_theta=THETA, max_len=256, **rope)
+                     rope_theta=THETA, max_len=512, **rope)
 
 
 def reference_inv_freq(rope_type, *, factor=S, low=1.0, high=4.0, beta_fast=32.0, beta_slow=1.0, truncate=True):
@@ -75,7 +76,12 @@ def reference_inv_freq(rope_type, *, factor=S, low=1.0, high=4.0, beta_fast=32.0
     ({'rope_type': 'yarn', 'rope_factor': S, 'rope_original_max_len': L, 'rope_beta_fast': 8.0,
       'rope_truncate': False}, {'rope_type': 'yarn', 'beta_fast': 8.0, 'truncate': False}),
 ])
-def test_tables_match_numpy_reference(rope, ref):
+@pytest.mark.parametrize('constants', [True, False], ids=['gathered', 'run time'])
+def test_tables_match_numpy_reference(rope, ref, constants, monkeypatch):
+  """Both forms of the tables: gathered from the float64 constants of every position below
+  max_len, and computed from float32 angles at run time (contexts past `ROPE_TABLE_ENTRIES`)."""
+  if not constants:
+    monkeypatch.setattr(transformer, 'ROPE_TABLE_ENTRIES', 0)
   inv, scale = reference_inv_freq(**ref)
   positions = np.array([[0, 1, 7, 63, 64, 200, 511]])
   cos, sin = (np.asarray(t)[0, :, 0] for t in rope_tables(jnp.asarray(positions), _config(**rope)))
@@ -99,13 +105,17 @@ def test_reference_bands_are_all_crossed():
   assert scale == pytest.approx(1.1386294361)
 
 
-def test_default_table_is_unchanged():
-  """The default path is the plain RoFormer table: angles = positions * theta^(-2i/hd) in float32."""
+def test_default_table_is_the_float64_table_rounded_once():
+  """The default path is the plain RoFormer table, cos and sin of positions · theta^(-2i/hd) computed
+  in float64 and rounded once to float32 (within 6e-8, half a float32 step at 1); a position past
+  max_len gives NaN, not the table's last row."""
   positions = jnp.arange(300)[None]
   cos, sin = rope_tables(positions, _config())
-  angles = positions.astype(jnp.float32)[..., None] * THETA ** (-jnp.arange(0, HD, 2, dtype=jnp.float32) / HD)
-  np.testing.assert_array_equal(np.asarray(cos)[:, :, 0], np.asarray(jnp.cos(angles)))
-  np.testing.assert_array_equal(np.asarray(sin)[:, :, 0], np.asarray(jnp.sin(angles)))
+  angles = np.arange(300)[:, None] * THETA ** (-np.arange(0, HD, 2) / HD)
+  np.testing.assert_allclose(np.asarray(cos)[0, :, 0], np.cos(angles), atol=6e-8, rtol=0)
+  np.testing.assert_allclose(np.asarray(sin)[0, :, 0], np.sin(angles), atol=6e-8, rtol=0)
+  cos, sin = rope_tables(jnp.asarray([[511, 512]]), _config())
+  assert np.all(np.isfinite(np.asarray(cos)[0, 0])) and np.all(np.isnan(np.asarray(cos)[0, 1]))
 
 
 LLAMA = dict(model_type='llama', vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
