@@ -35,9 +35,9 @@ c_fc, mlp.c_proj` weights are already `[in, out]` and map as they are. Every pro
 one 2-D dot over the flattened `[B*T, D]` input (much faster than a 3-D dot on XLA:CPU).
 
 Masking: `tokens [B, T] int32`, `mask [B, T] bool` (True = real token), `positions [B, T]`
-in `[0, max_len)` (default `default_positions(mask) = max(cumsum(mask) - 1, 0)`). Attention is causal and
-restricted to real keys; a query with no real key (an all-padding row, or left padding)
-gets uniform weights over its masked keys, so no NaN appears (its output is garbage and
+in `[0, max_len)` (default `default_positions(mask) = max(cumsum(mask) - 1, 0)`). Attention is
+causal and restricted to real keys; a query with no real key (an all-padding row, or left
+padding) gets uniform weights over its masked keys, so no NaN appears (its output is garbage and
 should be masked by the caller).
 
 KV cache (`KVCache`): per layer keys `k [B, KV, hd, S]` (slots last) and values

@@ -79,4 +79,5 @@ def test_generate_flops_equal_the_samplers_matmuls_but_its_attention_to_empty_sl
   got = dot_flops(jax.make_jaxpr(sample)(params))
   empty = sum(p + n - 1 - (p + k) for k in range(1, n))  # unfilled slots read by the N - 1 steps
   assert got[False] == common.forward_flops(s, rows, p, 1, s.vocab)  # the prefill: one block at P = 20 < 32
-  assert got[True] + got[False] == common.generate_flops(s, rows, p, n) + rows * s.layers * common.attention_flops(s, empty)
+  extra = rows * s.layers * common.attention_flops(s, empty)
+  assert got[True] + got[False] == common.generate_flops(s, rows, p, n) + extra
