@@ -159,7 +159,10 @@ def test_shared_prompt_logits_equal_the_plain_forward_and_its_gradients(model, b
   mlp_rows = {int(np.prod(e.outvars[0].aval.shape[:-1])) for e in jaxpr.eqns if e.primitive.name == 'dot_general'
               and e.invars[1].aval.shape == (config.mlp_width, config.width)}  # the MLP's `down` dots
   assert mlp_rows == {3 * prompt_len, 9 * 3}  # 3 prompts once; 9 rows × the first 3 response tokens
-  prompt_blocks, response_blocks = ([(2, 2), (2, 4), (1, 5)], [(2, 7), (1, 8)]) if block == 2 else ([(5, 5)], [(3, 8)])
+  if block == 2:
+    prompt_blocks, response_blocks = [(2, 2), (2, 4), (1, 5)], [(2, 7), (1, 8)]
+  else:
+    prompt_blocks, response_blocks = [(5, 5)], [(3, 8)]
   assert score_blocks(shared, params) == prompt_blocks * config.num_layers + response_blocks * config.num_layers
   with pytest.raises(ValueError, match='groups of group_size=2'):
     tf.shared_prompt_logits(params, config, tokens, mask, prompt_len, 2)
@@ -237,7 +240,7 @@ def test_query_blocks_leave_real_rows_and_gradients_unchanged(model, monkeypatch
     return jax.jit(logits)(params)[mask], jax.jit(jax.grad(loss))(params), score_blocks(jax.grad(loss), params)
 
   (l3, g3, blocks3), (l1, g1, blocks1) = run(3), run(1000)
-  # per layer: the forward's blocks, then the backward's recomputation of them
+  # the forward's blocks in every layer, then the backward's recomputation of them in every layer
   assert blocks3 == [(3, 3), (3, 6), (3, 9), (2, 11)] * 2 * config.num_layers
   assert blocks1 == [(11, 11)] * 2 * config.num_layers
   np.testing.assert_allclose(l3, l1, atol=1e-5, rtol=0)
