@@ -51,6 +51,40 @@ SHAPES = {
 OPTIM = dict(lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0)
 
 
+# Nominal dense matmul peaks, TFLOP/s without sparsity, from NVIDIA's datasheets (A100 2021; H100, H100 NVL,
+# H200 and H200 NVL 2024; the sparse figures there are twice these), for model FLOPs utilization on GPUs.
+# The first entry whose name is in `jax.Device.device_kind` applies ('H100 PCIe' before 'H100').
+PEAK_TFLOPS = (
+    ('H100 PCIe', {'float32': 51.0, 'tf32': 378.0, 'bfloat16': 756.0}),
+    ('H100 NVL', {'float32': 60.0, 'tf32': 418.0, 'bfloat16': 835.0}),
+    ('H100', {'float32': 67.0, 'tf32': 495.0, 'bfloat16': 989.0}),
+    ('H200 NVL', {'float32': 60.0, 'tf32': 418.0, 'bfloat16': 835.0}),
+    ('H200', {'float32': 67.0, 'tf32': 495.0, 'bfloat16': 989.0}),
+    ('A100', {'float32': 19.5, 'tf32': 156.0, 'bfloat16': 312.0}),
+)
+
+
+def peak_tflops(device_kind: str, matmul_precision: str | None) -> tuple[float, str] | None:
+  """(TFLOP/s, mode) that fp32 dots can reach on `device_kind` under jax's `jax_default_matmul_precision`
+  setting, or None for a device without a nominal peak here (CPUs: their rate is measured instead).
+
+  jax computes fp32 dots on these GPUs in TF32 unless the precision is 'highest' / 'float32'
+  (docs.jax.dev, "Matmul precision"); 'bfloat16' rounds their inputs to bf16.
+  """
+  mode = {'highest': 'float32', 'float32': 'float32', 'bfloat16': 'bfloat16'}.get(matmul_precision or '', 'tf32')
+  for name, peaks in PEAK_TFLOPS:
+    if name in device_kind:
+      return peaks[mode], mode
+  return None
+
+
+def jax_device() -> dict[str, Any]:
+  """The device a jax worker computes on: platform, kind and the default matmul precision (None: jax's default)."""
+  import jax
+  d = jax.devices()[0]
+  return {'platform': d.platform, 'kind': d.device_kind, 'matmul_precision': jax.config.jax_default_matmul_precision}
+
+
 def shape(name: str) -> Shape:
   if name not in SHAPES:
     raise ValueError(f'unknown shape {name!r}; known: {sorted(SHAPES)}.')
@@ -185,6 +219,14 @@ def peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def device_peak_mb() -> float | None:
+  """Peak memory in use on a jax worker's accelerator (MB); None on a CPU or in a process without jax."""
+  jax = sys.modules.get('jax')
+  device = jax.devices()[0] if jax is not None else None
+  stats = (device.memory_stats() or {}) if device is not None and device.platform != 'cpu' else {}
+  return stats['peak_bytes_in_use'] / 2**20 if 'peak_bytes_in_use' in stats else None
+
+
 def serve(handlers: dict[str, Any]) -> None:
   """Line protocol on stdin/stdout: `{"cmd": name, ...}` -> one JSON line `{"ok": ..., ...}`.
 
@@ -202,7 +244,7 @@ def serve(handlers: dict[str, Any]) -> None:
       os._exit(0)  # trainers' background threads would otherwise keep the process alive
     try:
       res = handlers[cmd](**req)
-      res = dict(res or {}, ok=True, peak_rss_mb=peak_rss_mb())
+      res = dict(res or {}, ok=True, peak_rss_mb=peak_rss_mb(), device_peak_mb=device_peak_mb())
     except Exception as e:  # reported to the orchestrator, which stops the workload
       import traceback
       traceback.print_exc()

@@ -23,7 +23,11 @@ def markdown(report: dict) -> str:
            '', 'GFLOP/s are analytic model FLOPs per second; "of dot" divides them by XLA\'s fp32 dot rate at the '
            'step\'s largest matmul shape and "of 2048²" by a 2048³ dot, both timed after each rmjax round of '
            'the same workload (rates in the dot column). Speed-up = peer time / rmjax time (median of the '
-           'per-round ratios, [min–max]).', '',
+           'per-round ratios, [min–max]).'
+           + (' MFU: model FLOP/s over the nominal dense peak of the device for fp32 dots in the mode jax runs them '
+              '(TFLOP/s and mode in brackets; `benchmarks/common.py:PEAK_TFLOPS`); beside the peak RSS, the '
+              'accelerator\'s peak memory in use.'
+              if any('mfu' in r for w in report['workloads'] for r in w['frameworks'].values()) else ''), '',
            '| workload | framework | median ms [p25–p75] | tokens/s | GFLOP/s (of dot / of 2048²) | dot GFLOP/s: '
            'step shape, 2048² | compile s | peak RSS MB | rmjax speed-up |',
            '|---|---|---|---|---|---|---|---|---|']
@@ -32,15 +36,20 @@ def markdown(report: dict) -> str:
       tok = f'{r["tokens_per_s"]:.0f}' if 'tokens_per_s' in r else '–'
       fl = (f'{r["gflops_per_s"]:.1f} ({r.get("dot_fraction", float("nan")):.0%} / '
             f'{r.get("square_dot_fraction", float("nan")):.0%})') if 'gflops_per_s' in r else '–'
+      if 'mfu' in r:
+        fl += f'; MFU {r["mfu"]["fraction"]:.1%} of {r["mfu"]["peak_tflops"]:g} ({r["mfu"]["mode"]})'
       comp = f'{r["compile_s"]:.1f}' if r.get('compile_s') is not None else '–'
       s = r.get('speedup_vs_rmjax')
-      sp = f'**{s["median"]:.2f}×** [{s["min"]:.2f}–{s["max"]:.2f}]' if s else ''
+      sp = f'**{s["median"]:.2f}×** [{s["min"]:.2f}–{s["max"]:.2f}]' if s else r.get('not_compared', '')
       dots = ''
       if f == 'rmjax' and 'dots' in w:
         st, sq = w['dots']['step'], w['dots']['square_2048']
         dots = f'{st["gflops_per_s"]:.0f} ({"×".join(map(str, st["shape"]))}), {sq["gflops_per_s"]:.0f}'
-      lines.append(f'| {w["name"]} | {r["framework"]} | {_ms(r["median_s"])} [{_ms(r["p25_s"])}–{_ms(r["p75_s"])}] | '
-                   f'{tok} | {fl} | {dots} | {comp} | {r["peak_rss_mb"]:.0f} | {sp} |')
+      memory = f'{r["peak_rss_mb"]:.0f}' + (f' (device {r["device_peak_mb"]:.0f})' if r.get('device_peak_mb') else '')
+      device = r.get('device', {'platform': 'cpu'})
+      framework = r['framework'] + (f' on {device["kind"]}' if device['platform'] != 'cpu' else '')
+      lines.append(f'| {w["name"]} | {framework} | {_ms(r["median_s"])} [{_ms(r["p25_s"])}–{_ms(r["p75_s"])}] | '
+                   f'{tok} | {fl} | {dots} | {comp} | {memory} | {sp} |')
   for e in report.get('errors', []):
     lines.append(f'\nFAILED {e["workload"]}: {e["error"]}')
   sc = report.get('scaling')

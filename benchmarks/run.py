@@ -13,8 +13,10 @@ orchestrator then
   4. reports per framework the median step time, its spread (25th–75th percentile, min),
      tokens/s, peak RSS, compile time, model FLOP/s (analytic, `common.*_flops`) as a fraction
      of XLA's dot rate at the step's largest matmul shape and of a 2048² dot, both timed in the
-     rmjax worker after each of its rounds (so under the same load), and the speed-up peer time / rmjax time (median and range of the per-round
-     ratios, which cancels most of the drift of a shared machine).
+     rmjax worker after each of its rounds (so under the same load), and on a GPU as a fraction of
+     its nominal peak (MFU, `common.peak_tflops`), and the speed-up peer time / rmjax time (median
+     and range of the per-round ratios, which cancels most of the drift of a shared machine;
+     only between frameworks on the same kind of device).
 
 Results are printed and written to `benchmarks/results/<time>.json` (and `latest.json`).
 """
@@ -191,7 +193,7 @@ def run_workload(w: dict, frameworks: list[str], args, log_dir: Path) -> dict:
         idle_wait[f] += wait_idle([procs[o].p.pid for o in frameworks if o != f])
         res = procs[f].call('time', steps=steps[f])
         rounds[f].append(res['times'])
-        setup[f]['peak_rss_mb'] = res['peak_rss_mb']
+        setup[f]['peak_rss_mb'], setup[f]['device_peak_mb'] = res['peak_rss_mb'], res['device_peak_mb']
         if f == 'rmjax':  # the machine's matmul rate, under the same load as this round
           for name, t in procs[f].call('time_dots')['times'].items():
             dot_times[name] += t
@@ -202,20 +204,28 @@ def run_workload(w: dict, frameworks: list[str], args, log_dir: Path) -> dict:
          'params': w['params'], 'flops_per_step': w.get('flops'), 'tokens_per_step': w.get('tokens'),
          'largest_matmul': list(w['matmul']), 'load_before': load0,
          'dots': {name: dict(stats(t), gflops_per_s=2 * np.prod(shape) / np.median(t) / 1e9, shape=list(shape))
-                  for (name, t), shape in zip(dot_times.items(), (w['matmul'], (SQUARE,) * 3))}, 'load_after': loadavg(), 'steal': steal_fraction(ticks0), 'frameworks': {}}
+                  for (name, t), shape in zip(dot_times.items(), (w['matmul'], (SQUARE,) * 3))},
+         'load_after': loadavg(), 'steal': steal_fraction(ticks0), 'frameworks': {}}
   for f in frameworks:
     all_times = [t for rnd in rounds[f] for t in rnd]
     rec = dict(stats(all_times), framework=setup[f].get('framework', f), compile_s=setup[f].get('compile_s'),
                first_steps_s=setup[f].get('first_steps_s'), peak_rss_mb=setup[f]['peak_rss_mb'],
+               device_peak_mb=setup[f]['device_peak_mb'],
                check=checks[f], steps_per_round=steps[f], round_medians_s=[float(np.median(r)) for r in rounds[f]],
                idle_wait_s=idle_wait[f], microbatches=setup[f].get('microbatches'))
+    device = rec['device'] = setup[f]['device']
     if w.get('tokens'):
       rec['tokens_per_s'] = w['tokens'] / rec['median_s']
     if w.get('flops'):
       rec['gflops_per_s'] = w['flops'] / rec['median_s'] / 1e9
       rec['dot_fraction'] = rec['gflops_per_s'] / out['dots']['step']['gflops_per_s']
       rec['square_dot_fraction'] = rec['gflops_per_s'] / out['dots']['square_2048']['gflops_per_s']
-    if f != 'rmjax':
+      peak = common.peak_tflops(device['kind'], device.get('matmul_precision'))
+      if peak:  # model FLOPs utilization against the device's nominal peak
+        rec['mfu'] = {'fraction': rec['gflops_per_s'] / 1e3 / peak[0], 'peak_tflops': peak[0], 'mode': peak[1]}
+    if f != 'rmjax' and device['platform'] != setup['rmjax']['device']['platform']:
+      rec['not_compared'] = f'{f} ran on {device["platform"]}, rmjax on {setup["rmjax"]["device"]["platform"]}'
+    elif f != 'rmjax':
       per_round = [np.median(p) / np.median(q) for p, q in zip(rounds[f], rounds['rmjax'])]
       rec['speedup_vs_rmjax'] = {'median': float(np.median(per_round)), 'min': float(np.min(per_round)),
                                  'max': float(np.max(per_round)),
@@ -227,7 +237,7 @@ def run_workload(w: dict, frameworks: list[str], args, log_dir: Path) -> dict:
 
 def print_workload(r: dict) -> None:
   for f, rec in r['frameworks'].items():
-    extra = ''
+    extra = f'  not compared: {rec["not_compared"]}' if 'not_compared' in rec else ''
     if 'speedup_vs_rmjax' in rec:
       s = rec['speedup_vs_rmjax']
       extra = f'  rmjax speed-up {s["median"]:.2f}x [{s["min"]:.2f}-{s["max"]:.2f}]'
@@ -236,10 +246,13 @@ def print_workload(r: dict) -> None:
     tok = f'{rec["tokens_per_s"]:9.0f} tok/s' if 'tokens_per_s' in rec else ''
     fl = f'{rec["gflops_per_s"]:6.1f} GFLOP/s' if 'gflops_per_s' in rec else ''
     frac = f' ({rec["dot_fraction"]:.0%} of dot)' if 'dot_fraction' in rec else ''
+    if 'mfu' in rec:
+      frac += f' MFU {rec["mfu"]["fraction"]:.1%} of {rec["mfu"]["peak_tflops"]:g} TFLOP/s {rec["mfu"]["mode"]}'
+    dev_mem = f' (device {rec["device_peak_mb"]:.0f} MB)' if rec.get('device_peak_mb') else ''
     if rec.get('idle_wait_s', 0) > 1:
       extra += f'  (waited {rec["idle_wait_s"]:.0f}s for the other workers to go idle)'
     print(f'  {f:6s} {rec["median_s"] * 1e3:9.2f} ms [{rec["p25_s"] * 1e3:.2f}-{rec["p75_s"] * 1e3:.2f}, min '
-          f'{rec["min_s"] * 1e3:.2f}]  {tok} {fl}{frac}  compile {comp}  rss {rec["peak_rss_mb"]:.0f} MB{extra}',
+          f'{rec["min_s"] * 1e3:.2f}]  {tok} {fl}{frac}  compile {comp}  rss {rec["peak_rss_mb"]:.0f} MB{dev_mem}{extra}',
           flush=True)
 
 
@@ -307,6 +320,15 @@ def main(argv=None) -> int:
             'optimizer': common.OPTIM, 'settings': {'rm': RM, 'generate': GEN, 'grpo': GRPO},
             'workloads': [], 'errors': []}
   print(f'machine: {report["machine"]}  load {report["load_start"]:.2f}', flush=True)
+  for p in list(peers):  # a peer that cannot be installed here leaves rmjax's rows standing
+    try:
+      envs.python(p)
+    except Exception as e:
+      error = (f'{type(e).__name__}: {e}; its rows are left out (--peers chooses the peers, --peers "" runs rmjax '
+               'alone)')
+      print(f'peer {p} unavailable: {error}', flush=True)
+      report['errors'].append({'workload': f'peer {p}', 'error': error})
+      peers.remove(p)
   for w in workloads(args):
     frameworks = ['rmjax'] + [p for p in w['peers'] if p in peers]
     try:

@@ -205,6 +205,7 @@ class Worker:
     if key is not None:
       self.runs[key] = self.run_once
     res['devices'] = [str(d) for d in jax.devices()]
+    res['device'] = common.jax_device()
     res['cpus'] = PIN['cpus']
     return res
 

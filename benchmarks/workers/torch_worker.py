@@ -229,6 +229,7 @@ class Worker:
     res['framework'] = f'PyTorch {torch.__version__}, transformers {transformers.__version__}'
     if 'peer' in res:
       res['framework'] = f"{res.pop('peer')}, {res['framework']}"
+    res['device'] = {'platform': 'cpu', 'kind': 'cpu'}  # this worker never moves its models to an accelerator
     res['cpus'] = PIN['cpus']
     return res
 

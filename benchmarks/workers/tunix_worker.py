@@ -194,7 +194,10 @@ class Worker:
     self.run_once()
     import tunix  # noqa
     from importlib import metadata
-    res['framework'] = f'Tunix {metadata.version("google-tunix")} {res.pop("peer", "")} (jax {jax.__version__})'
+    peer = res.pop('peer', None)
+    res['framework'] = ' '.join(filter(None, ['Tunix', metadata.version('google-tunix'), peer,
+                                              f'(jax {jax.__version__})']))
+    res['device'] = common.jax_device()
     res['cpus'] = PIN['cpus']
     return res
 

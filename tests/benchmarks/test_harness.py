@@ -1,0 +1,96 @@
+"""The harness's bookkeeping (`benchmarks.run`, `benchmarks.report`) on canned worker replies: model
+FLOPs utilization against a GPU's nominal peak, speed-ups only between frameworks on the same kind
+of device, and a peer that cannot be installed leaving rmjax's rows standing."""
+import json
+import types
+
+import pytest
+
+from benchmarks import common, report, run
+
+H100 = {'platform': 'gpu', 'kind': 'NVIDIA H100 80GB HBM3', 'matmul_precision': None}
+CPU = {'platform': 'cpu', 'kind': 'cpu'}
+
+
+@pytest.mark.parametrize('kind, precision, expected', [
+    ('NVIDIA H100 80GB HBM3', None, (495.0, 'tf32')),
+    ('NVIDIA H100 80GB HBM3', 'highest', (67.0, 'float32')),
+    ('NVIDIA H100 PCIe', None, (378.0, 'tf32')),
+    ('NVIDIA H200', 'float32', (67.0, 'float32')),
+    ('NVIDIA H200 NVL', None, (418.0, 'tf32')),
+    ('NVIDIA A100-SXM4-80GB', 'bfloat16', (312.0, 'bfloat16')),
+    ('cpu', None, None),
+])
+def test_peak_tflops_picks_the_device_and_the_mode_of_fp32_dots(kind, precision, expected):
+  assert common.peak_tflops(kind, precision) == expected
+
+
+def fake_proc(devices, step_s):
+  """A `run.Proc` stand-in whose workers all compute the same check values, on `devices[framework]`,
+  taking `step_s[framework]` seconds a step."""
+
+  class Proc:
+    def __init__(self, framework, log_dir, huge_pages):
+      self.framework, self.p = framework, types.SimpleNamespace(pid=0)
+
+    def call(self, cmd, **kw):
+      f = self.framework
+      if cmd == 'setup':
+        return {'check': [0.69, 0.68], 'framework': f, 'device': devices[f], 'compile_s': 1.0}
+      if cmd == 'time':
+        return {'times': [step_s[f]] * kw['steps'], 'peak_rss_mb': 100.0,
+                'device_peak_mb': 2048.0 if devices[f]['platform'] == 'gpu' else None}
+      if cmd == 'time_dots':
+        return {'times': {'step': [1e-3], 'square_2048': [1e-3]}}
+      return {}
+
+    def close(self):
+      pass
+
+  return Proc
+
+
+def test_mfu_and_speed_ups_between_frameworks_on_the_same_device(monkeypatch, tmp_path):
+  devices = {'rmjax': H100, 'tunix': H100, 'torch': CPU}
+  monkeypatch.setattr(run, 'Proc', fake_proc(devices, {'rmjax': 0.01, 'tunix': 0.025, 'torch': 0.2}))
+  monkeypatch.setattr(run, 'wait_idle', lambda pids: 0.0)
+  w = {'name': 'RM step [base]', 'flops': 1e12, 'tokens': 4096, 'matmul': (4096, 768, 4096),
+       'params': {'workload': 'rm', 'size': 'base'}}
+  args = types.SimpleNamespace(huge_pages=False, round_seconds=0.1, repeats=3)
+  out = run.run_workload(w, ['rmjax', 'tunix', 'torch'], args, tmp_path)
+  rmjax, tunix, torch = (out['frameworks'][f] for f in ('rmjax', 'tunix', 'torch'))
+  # 1e12 FLOPs in 10 ms = 100 TFLOP/s against the H100's 495 TFLOP/s of TF32 dots.
+  assert rmjax['mfu'] == pytest.approx({'fraction': 100 / 495, 'peak_tflops': 495.0, 'mode': 'tf32'})
+  assert tunix['mfu']['fraction'] == pytest.approx(40 / 495)
+  assert tunix['speedup_vs_rmjax']['median'] == pytest.approx(2.5)
+  assert rmjax['device_peak_mb'] == 2048.0
+  # A peer on the CPU beside rmjax on the GPU gets no speed-up and no MFU.
+  assert 'speedup_vs_rmjax' not in torch and 'mfu' not in torch
+  assert torch['not_compared'] == 'torch ran on cpu, rmjax on gpu'
+  table = report.markdown({'machine': run.machine(), 'load_start': 0.0, 'workloads': [out]})
+  assert 'MFU 20.2% of 495 (tf32)' in table and 'rmjax on NVIDIA H100 80GB HBM3' in table
+  assert '100 (device 2048)' in table and 'torch ran on cpu, rmjax on gpu' in table
+
+
+def test_on_the_cpu_there_is_no_mfu_and_peers_are_compared(monkeypatch, tmp_path):
+  monkeypatch.setattr(run, 'Proc', fake_proc({'rmjax': CPU, 'torch': CPU}, {'rmjax': 0.04, 'torch': 0.06}))
+  monkeypatch.setattr(run, 'wait_idle', lambda pids: 0.0)
+  w = {'name': 'RM step [tiny]', 'flops': 3e9, 'tokens': 4096, 'matmul': (4096, 64, 344),
+       'params': {'workload': 'rm', 'size': 'tiny'}}
+  out = run.run_workload(w, ['rmjax', 'torch'], types.SimpleNamespace(huge_pages=False, round_seconds=0.1, repeats=2),
+                         tmp_path)
+  assert all('mfu' not in r for r in out['frameworks'].values())
+  assert out['frameworks']['torch']['speedup_vs_rmjax']['median'] == pytest.approx(1.5)
+  assert 'MFU' not in report.markdown({'machine': run.machine(), 'load_start': 0.0, 'workloads': [out]})
+
+
+def test_an_uninstallable_peer_is_reported_and_left_out(monkeypatch, tmp_path):
+  def python(name):
+    raise ValueError(f'no CPU torch wheel for {name}')
+
+  monkeypatch.setattr(run.envs, 'python', python)
+  monkeypatch.setattr(run, 'workloads', lambda args: [])
+  assert run.main(['--only', 'rm', '--peers', 'torch', '--out', str(tmp_path)]) == 1
+  errors = json.loads((tmp_path / 'latest.json').read_text())['errors']
+  assert errors == [{'workload': 'peer torch', 'error': 'ValueError: no CPU torch wheel for torch; its rows are left '
+                     'out (--peers chooses the peers, --peers "" runs rmjax alone)'}]
