@@ -25,6 +25,13 @@ def test_peak_tflops_picks_the_device_and_the_mode_of_fp32_dots(kind, precision,
   assert common.peak_tflops(kind, precision) == expected
 
 
+def test_a_jax_worker_on_this_cpu_reports_no_accelerator():
+  import jax  # noqa: F401  (device_peak_mb reads the jax a worker has imported)
+  assert common.jax_device() == {'platform': 'cpu', 'kind': 'cpu', 'matmul_precision': None}
+  assert common.device_peak_mb() is None
+  assert common.peak_tflops(common.jax_device()['kind'], None) is None
+
+
 def fake_proc(devices, step_s):
   """A `run.Proc` stand-in whose workers all compute the same check values, on `devices[framework]`,
   taking `step_s[framework]` seconds a step."""
