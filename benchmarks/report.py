@@ -1,4 +1,5 @@
-"""Markdown tables from a results JSON: `python -m benchmarks.report [results.json]`."""
+"""Markdown tables from results JSONs: `python -m benchmarks.report [results.json]` (one run's tables; the
+latest run without an argument) or `python -m benchmarks.report a.json b.json ...` (runs side by side)."""
 from __future__ import annotations
 
 import json
@@ -65,6 +66,33 @@ def markdown(report: dict) -> str:
   return '\n'.join(lines)
 
 
+def compare(reports: dict[str, dict]) -> str:
+  """Runs side by side, `{run name: report}`: per workload rmjax's median step time and each peer's
+  speed-up (median of the per-round ratios) in every run, then the scaling exponents; '–' where a run
+  lacks the number."""
+  names = list(reports)
+  runs = [{w['name']: w['frameworks'] for w in r['workloads']} for r in reports.values()]
+  lines = ['| workload | | ' + ' | '.join(names) + ' |', '|---|---|' + '---|' * len(names)]
+  for workload in dict.fromkeys(name for run in runs for name in run):
+    rows = [run.get(workload, {}) for run in runs]
+    lines.append(f'| {workload} | rmjax ms | '
+                 + ' | '.join(_ms(r['rmjax']['median_s']) if 'rmjax' in r else '–' for r in rows) + ' |')
+    for peer in dict.fromkeys(f for r in rows for f in r if f != 'rmjax'):
+      ratios = [r.get(peer, {}).get('speedup_vs_rmjax') for r in rows]
+      lines.append(f'| | speed-up vs {peer} | '
+                   + ' | '.join(f'{s["median"]:.2f}×' if s else '–' for s in ratios) + ' |')
+  scaling = [{(row['step'], row['dimension']): row for row in r.get('scaling', {}).get('rows', [])}
+             for r in reports.values()]
+  for key in dict.fromkeys(k for sc in scaling for k in sc):
+    flops = next(sc[key]['flop_exponent'] for sc in scaling if key in sc)
+    lines.append(f'| scaling: {key[0]}, {key[1]} (FLOPs {flops:.2f}) | time exponent | '
+                 + ' | '.join(f'{sc[key]["time_exponent"]:.2f}' if key in sc else '–' for sc in scaling) + ' |')
+  return '\n'.join(lines)
+
+
 if __name__ == '__main__':
-  path = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent / 'results' / 'latest.json'
-  print(markdown(json.loads(path.read_text())))
+  paths = [Path(a) for a in sys.argv[1:]] or [Path(__file__).resolve().parent / 'results' / 'latest.json']
+  if len(paths) == 1:
+    print(markdown(json.loads(paths[0].read_text())))
+  else:
+    print(compare({p.stem: json.loads(p.read_text()) for p in paths}))

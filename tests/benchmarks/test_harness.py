@@ -101,3 +101,20 @@ def test_an_uninstallable_peer_is_reported_and_left_out(monkeypatch, tmp_path):
   errors = json.loads((tmp_path / 'latest.json').read_text())['errors']
   assert errors == [{'workload': 'peer torch', 'error': 'ValueError: no CPU torch wheel for torch; its rows are left '
                      'out (--peers chooses the peers, --peers "" runs rmjax alone)'}]
+
+
+def test_runs_side_by_side():
+  def run(rm_ms, speedup, exponent, with_generation):
+    workloads = [{'name': 'RM step [tiny]', 'frameworks': {
+        'rmjax': {'median_s': rm_ms / 1e3}, 'torch': {'median_s': 0.05, 'speedup_vs_rmjax': {'median': speedup}}}}]
+    if with_generation:
+      workloads.append({'name': 'generation [tiny]', 'frameworks': {'rmjax': {'median_s': 0.0131}}})
+    return {'workloads': workloads, 'scaling': {'rows': [
+        {'step': 'RM step', 'dimension': 'seq', 'time_exponent': exponent, 'flop_exponent': 1.42}]}}
+
+  table = report.compare({'a': run(35.6, 1.3, 1.33, False), 'b': run(39.6, 1.456, 1.391, True)}).split('\n')
+  assert table == ['| workload | | a | b |', '|---|---|---|---|',
+                   '| RM step [tiny] | rmjax ms | 35.6 | 39.6 |',
+                   '| | speed-up vs torch | 1.30× | 1.46× |',
+                   '| generation [tiny] | rmjax ms | – | 13.1 |',
+                   '| scaling: RM step, seq (FLOPs 1.42) | time exponent | 1.33 | 1.39 |']
