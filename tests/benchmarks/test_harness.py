@@ -1,6 +1,6 @@
 """The harness's bookkeeping (`benchmarks.run`, `benchmarks.report`) on canned worker replies: model
 FLOPs utilization against a GPU's nominal peak, speed-ups only between frameworks on the same kind
-of device, and a peer that cannot be installed leaving rmjax's rows standing."""
+of device, a peer that cannot be installed leaving rmjax's rows standing, and runs side by side."""
 import json
 import types
 
