@@ -204,7 +204,6 @@ class Worker:
     self.run_once()  # one more warm-up call, excluded
     if key is not None:
       self.runs[key] = self.run_once
-    res['devices'] = [str(d) for d in jax.devices()]
     res['device'] = common.jax_device()
     res['cpus'] = PIN['cpus']
     return res
