@@ -210,7 +210,7 @@ def run_workload(w: dict, frameworks: list[str], args, log_dir: Path) -> dict:
     all_times = [t for rnd in rounds[f] for t in rnd]
     rec = dict(stats(all_times), framework=setup[f].get('framework', f), compile_s=setup[f].get('compile_s'),
                first_steps_s=setup[f].get('first_steps_s'), peak_rss_mb=setup[f]['peak_rss_mb'],
-               device_peak_mb=setup[f]['device_peak_mb'],
+               device_peak_mb=setup[f]['device_peak_mb'], cpus=setup[f]['cpus'],
                check=checks[f], steps_per_round=steps[f], round_medians_s=[float(np.median(r)) for r in rounds[f]],
                idle_wait_s=idle_wait[f], microbatches=setup[f].get('microbatches'))
     device = rec['device'] = setup[f]['device']

@@ -43,7 +43,7 @@ def fake_proc(devices, step_s):
     def call(self, cmd, **kw):
       f = self.framework
       if cmd == 'setup':
-        return {'check': [0.69, 0.68], 'framework': f, 'device': devices[f], 'compile_s': 1.0}
+        return {'check': [0.69, 0.68], 'framework': f, 'device': devices[f], 'compile_s': 1.0, 'cpus': [0, 1]}
       if cmd == 'time':
         return {'times': [step_s[f]] * kw['steps'], 'peak_rss_mb': 100.0,
                 'device_peak_mb': 2048.0 if devices[f]['platform'] == 'gpu' else None}
