@@ -11,6 +11,11 @@ def _ms(x: float) -> str:
   return f'{x * 1e3:.1f}' if x < 10 else f'{x * 1e3:.0f}'
 
 
+def mfu_text(mfu: dict) -> str:
+  """'MFU 20.2% of 495 TFLOP/s (tf32)' from a record's `mfu`."""
+  return f'MFU {mfu["fraction"]:.1%} of {mfu["peak_tflops"]:g} TFLOP/s ({mfu["mode"]})'
+
+
 def markdown(report: dict) -> str:
   m = report['machine']
   cpu = m['cpu'] + (f' (family/model {m["cpu_family_model"]}, {m["isa"]})' if 'isa' in m else '')
@@ -26,7 +31,7 @@ def markdown(report: dict) -> str:
            'the same workload (rates in the dot column). Speed-up = peer time / rmjax time (median of the '
            'per-round ratios, [min–max]).'
            + (' MFU: model FLOP/s over the nominal dense peak of the device for fp32 dots in the mode jax runs them '
-              '(TFLOP/s and mode in brackets; `benchmarks/common.py:PEAK_TFLOPS`); beside the peak RSS, the '
+              '(`benchmarks/common.py:PEAK_TFLOPS`); beside the peak RSS, the '
               'accelerator\'s peak memory in use.'
               if any('mfu' in r for w in report['workloads'] for r in w['frameworks'].values()) else ''), '',
            '| workload | framework | median ms [p25–p75] | tokens/s | GFLOP/s (of dot / of 2048²) | dot GFLOP/s: '
@@ -38,7 +43,7 @@ def markdown(report: dict) -> str:
       fl = (f'{r["gflops_per_s"]:.1f} ({r.get("dot_fraction", float("nan")):.0%} / '
             f'{r.get("square_dot_fraction", float("nan")):.0%})') if 'gflops_per_s' in r else '–'
       if 'mfu' in r:
-        fl += f'; MFU {r["mfu"]["fraction"]:.1%} of {r["mfu"]["peak_tflops"]:g} ({r["mfu"]["mode"]})'
+        fl += '; ' + mfu_text(r['mfu'])
       comp = f'{r["compile_s"]:.1f}' if r.get('compile_s') is not None else '–'
       s = r.get('speedup_vs_rmjax')
       sp = f'**{s["median"]:.2f}×** [{s["min"]:.2f}–{s["max"]:.2f}]' if s else r.get('not_compared', '')

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import common, envs
+from benchmarks import report as report_lib
 from launch import local
 
 REPO = Path(__file__).resolve().parent.parent
@@ -223,8 +224,9 @@ def run_workload(w: dict, frameworks: list[str], args, log_dir: Path) -> dict:
       peak = common.peak_tflops(device['kind'], device.get('matmul_precision'))
       if peak:  # model FLOPs utilization against the device's nominal peak
         rec['mfu'] = {'fraction': rec['gflops_per_s'] / 1e3 / peak[0], 'peak_tflops': peak[0], 'mode': peak[1]}
-    if f != 'rmjax' and device['platform'] != setup['rmjax']['device']['platform']:
-      rec['not_compared'] = f'{f} ran on {device["platform"]}, rmjax on {setup["rmjax"]["device"]["platform"]}'
+    rmjax_platform = setup['rmjax']['device']['platform']
+    if f != 'rmjax' and device['platform'] != rmjax_platform:
+      rec['not_compared'] = f'{f} ran on {device["platform"]}, rmjax on {rmjax_platform}'
     elif f != 'rmjax':
       per_round = [np.median(p) / np.median(q) for p, q in zip(rounds[f], rounds['rmjax'])]
       rec['speedup_vs_rmjax'] = {'median': float(np.median(per_round)), 'min': float(np.min(per_round)),
@@ -247,7 +249,7 @@ def print_workload(r: dict) -> None:
     fl = f'{rec["gflops_per_s"]:6.1f} GFLOP/s' if 'gflops_per_s' in rec else ''
     frac = f' ({rec["dot_fraction"]:.0%} of dot)' if 'dot_fraction' in rec else ''
     if 'mfu' in rec:
-      frac += f' MFU {rec["mfu"]["fraction"]:.1%} of {rec["mfu"]["peak_tflops"]:g} TFLOP/s {rec["mfu"]["mode"]}'
+      frac += ' ' + report_lib.mfu_text(rec['mfu'])
     dev_mem = f' (device {rec["device_peak_mb"]:.0f} MB)' if rec.get('device_peak_mb') else ''
     if rec.get('idle_wait_s', 0) > 1:
       extra += f'  (waited {rec["idle_wait_s"]:.0f}s for the other workers to go idle)'
@@ -344,7 +346,6 @@ def main(argv=None) -> int:
   path.write_text(json.dumps(report, indent=1))
   (out_dir / 'latest.json').write_text(json.dumps(report, indent=1))
   print(f'\nresults: {path}', flush=True)
-  from benchmarks import report as report_lib
   print(report_lib.markdown(report), flush=True)
   return 1 if report['errors'] else 0
 

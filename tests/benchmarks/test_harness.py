@@ -75,7 +75,7 @@ def test_mfu_and_speed_ups_between_frameworks_on_the_same_device(monkeypatch, tm
   assert 'speedup_vs_rmjax' not in torch and 'mfu' not in torch
   assert torch['not_compared'] == 'torch ran on cpu, rmjax on gpu'
   table = report.markdown({'machine': run.machine(), 'load_start': 0.0, 'workloads': [out]})
-  assert 'MFU 20.2% of 495 (tf32)' in table and 'rmjax on NVIDIA H100 80GB HBM3' in table
+  assert 'MFU 20.2% of 495 TFLOP/s (tf32)' in table and 'rmjax on NVIDIA H100 80GB HBM3' in table
   assert '100 (device 2048)' in table and 'torch ran on cpu, rmjax on gpu' in table
 
 
