@@ -85,6 +85,15 @@ def jax_device() -> dict[str, Any]:
   return {'platform': d.platform, 'kind': d.device_kind, 'matmul_precision': jax.config.jax_default_matmul_precision}
 
 
+def check_precision():
+  """Context in which a jax worker computes the values compared across frameworks (`run.CHECK_TOL`): float32
+  dots on every device. jax's default for fp32 dots is float32 on the CPU but TF32 on NVIDIA GPUs (inputs
+  rounded to 10 mantissa bits, a relative error of about 2^-11 a product: the order of the 1e-4 tolerances);
+  the timed programs keep the default."""
+  import jax
+  return jax.default_matmul_precision('float32')
+
+
 def shape(name: str) -> Shape:
   if name not in SHAPES:
     raise ValueError(f'unknown shape {name!r}; known: {sorted(SHAPES)}.')
@@ -95,13 +104,14 @@ def shape(name: str) -> Shape:
 
 
 def pin_threads() -> dict[str, Any]:
-  """Restricts this process to `THREADS` CPUs and thread pools; call before importing a framework."""
+  """Restricts this process to `THREADS` CPUs and thread pools; call before importing a framework.
+
+  XLA:CPU sizes its thread pool from the CPUs the process may run on (it has no flag for it), and the
+  OpenMP / BLAS pools of PyTorch and numpy follow the variables set here."""
   cpus = sorted(os.sched_getaffinity(0))[:THREADS]
   os.sched_setaffinity(0, cpus)
   for var in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'OPENBLAS_NUM_THREADS'):
     os.environ[var] = str(THREADS)
-  flags = os.environ.get('XLA_FLAGS', '')
-  os.environ['XLA_FLAGS'] = f'{flags} --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={THREADS}'.strip()
   os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
   return {'cpus': cpus}
 

@@ -62,11 +62,21 @@ class Worker:
     self.run_once = None
     self.runs = {}
     self.dots = {}
+    # jax's default fp32 dots are float32 on the CPU, TF32 on NVIDIA GPUs and bf16 passes on TPUs.
+    self.float32_by_default = jax.default_backend() == 'cpu'
 
   def _compile(self, fn, *args):
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile() if not hasattr(fn, 'lower') else fn.lower(*args).compile()
     return compiled, time.perf_counter() - t0
+
+  def _check_program(self, fn, compiled, *args):
+    """The program whose values are compared with the peers': the timed `compiled` itself where the default fp32
+    dots are float32, else `fn` compiled again under `common.check_precision`."""
+    if self.float32_by_default:
+      return compiled
+    with common.check_precision():
+      return jax.jit(fn).lower(*args).compile()
 
   # --------------------------------------------------------------------------- RM step
   def setup_rm(self, size, pairs, seq_len, members=1, kind='full', seed=0, seq_scale=1, grad_accum_steps=1, **_):
@@ -88,9 +98,10 @@ class Worker:
     batch = jax.device_put(batch)
     step = rm_trainer.make_train_step(rm, opt, objectives.get('bradley_terry'), grad_accum_steps=grad_accum_steps)
     compiled, compile_s = self._compile(step, state, batch)
+    check_step = self._check_program(step, compiled, state, batch)
     losses = []
     for _ in range(2):  # loss on the initial weights, then after one update
-      state, m = compiled(state, batch)
+      state, m = check_step(state, batch)
       losses.append(float(m['loss']))
     holder = {'state': state}
 
@@ -111,7 +122,8 @@ class Worker:
     params = nest(common.init_weights(s, seed, lm_head=True))
     prompt = jnp.asarray(common.prompts(s, rows, prompt_len, seed + 200))
     mask = jnp.ones_like(prompt, bool)
-    lp = sampling.token_logprobs(params, cfg, prompt, mask)
+    with common.check_precision():
+      lp = sampling.token_logprobs(params, cfg, prompt, mask)
     check = [float(-lp[:, 1:].mean())]
     fn = jax.jit(lambda p, t, m, k: sampling.sample(p, cfg, t, m, k, max_new_tokens=new_tokens, temperature=1.0,
                                                     top_p=top_p).tokens)
@@ -154,7 +166,8 @@ class Worker:
     frozen = rl.Frozen(ref_params=policy, reward_params=reward_params)
     prompt = common.prompts(s, prompts_per_step, prompt_len, seed + 300)
     batch = jax.device_put({'prompt_tokens': prompt, 'prompt_mask': np.ones_like(prompt, bool)})
-    lp = sampling.token_logprobs(policy, cfg, jnp.asarray(prompt), jnp.ones_like(prompt, bool))
+    with common.check_precision():
+      lp = sampling.token_logprobs(policy, cfg, jnp.asarray(prompt), jnp.ones_like(prompt, bool))
     check = [float(-lp[:, 1:].mean())]
     compiled, compile_s = self._compile(it, state, frozen, batch)
     state, m = compiled(state, frozen, batch)

@@ -77,11 +77,12 @@ def build(s: common.Shape, w: dict[str, np.ndarray]) -> llama3.Llama3:
 
 
 def prompt_nll(model: llama3.Llama3, prompt: np.ndarray) -> float:
-  """Mean next-token NLL of the prompts `[B, P]` under a causal no-cache forward pass."""
+  """Mean next-token NLL of the prompts `[B, P]` under a causal no-cache forward pass, float32 dots."""
   b, p = prompt.shape
   positions = jnp.broadcast_to(jnp.arange(p), (b, p))
   mask = jnp.broadcast_to(jnp.tril(jnp.ones((p, p), bool)), (b, p, p))
-  logits, _ = model(jnp.asarray(prompt), positions, None, mask)
+  with common.check_precision():
+    logits, _ = model(jnp.asarray(prompt), positions, None, mask)
   lp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), -1)
   return float(-jnp.take_along_axis(lp, jnp.asarray(prompt)[:, 1:, None], -1).mean())
 

@@ -1,8 +1,14 @@
 """The harness's bookkeeping (`benchmarks.run`, `benchmarks.report`) on canned worker replies: model
 FLOPs utilization against a GPU's nominal peak, speed-ups only between frameworks on the same kind
-of device, a peer that cannot be installed leaving rmjax's rows standing, and runs side by side."""
+of device, a peer that cannot be installed leaving rmjax's rows standing, and runs side by side; and,
+in worker processes of their own, XLA's thread count and the float32 check values."""
 import json
+import os
+import subprocess
+import sys
+import textwrap
 import types
+from pathlib import Path
 
 import pytest
 
@@ -118,3 +124,47 @@ def test_runs_side_by_side():
                    '| | speed-up vs torch | 1.30× | 1.46× |',
                    '| generation [tiny] | rmjax ms | – | 13.1 |',
                    '| scaling: RM step, seq (FLOPs 1.42) | time exponent | 1.33 | 1.39 |']
+
+
+def run_python(code: str) -> str:
+  """stdout of `code` run by this Python in a process of its own, from the repository's root."""
+  out = subprocess.run([sys.executable, '-c', textwrap.dedent(code)], cwd=Path(__file__).parents[2],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out.stdout
+
+
+def test_a_pinned_jax_worker_computes_on_two_threads():
+  threads = json.loads(run_python("""
+      import json, os
+      from benchmarks import common
+      common.pin_threads()
+      import jax.numpy as jnp
+      x = jnp.ones((512, 512))
+      (x @ x).block_until_ready()
+      names = [open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')]
+      print(json.dumps(names.count('tf_XLAEigen')))
+  """))
+  assert threads == min(common.THREADS, len(os.sched_getaffinity(0)))
+
+
+def test_check_values_are_computed_with_float32_dots_where_the_default_is_not():
+  """Where jax's default fp32 dots are not float32 (TF32 on a GPU), the RM check runs a second program compiled
+  at 'float32' precision; on this CPU both programs compute in float32, so the two ways agree."""
+  checks, texts = json.loads(run_python("""
+      import json
+      import jax.numpy as jnp
+      from benchmarks.workers import rmjax_worker
+      texts = []
+      checks = []
+      for float32_by_default in (True, False):
+        w = rmjax_worker.Worker()
+        w.float32_by_default = float32_by_default
+        checks.append(w.setup('rm', size='tiny', pairs=2, seq_len=16)['check'])
+        compiled = jnp.dot  # stands for the timed program, returned as it is where the default is float32
+        program = w._check_program(jnp.dot, compiled, jnp.ones((4, 8)), jnp.ones((8, 3)))
+        texts.append('timed program' if program is compiled else program.as_text())
+      print(json.dumps([checks, texts]))
+  """))
+  assert texts[0] == 'timed program' and 'operand_precision={highest,highest}' in texts[1]
+  assert len(checks[1]) == 2 and checks[1] == pytest.approx(checks[0], abs=1e-6)
