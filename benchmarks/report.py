@@ -7,6 +7,21 @@ import sys
 from pathlib import Path
 
 
+# The targets of docs/benchmarks.md for 2 CPU cores. Speed-ups (peer time / rmjax time): (workload, size, peer,
+# minimum), None meaning ahead (above 1).
+SPEEDUP_TARGETS = [
+    ('RM step', 'tiny', 'torch', 1.5), ('RM step', 'small', 'torch', 1.0),
+    ('RM K=4 full ensemble', 'tiny', 'torch', 2.0), ('RM K=4 full ensemble', 'small', 'torch', 1.0),
+    ('generation, temperature 1', 'tiny', 'torch', 5.0), ('generation, temperature 1', 'small', 'torch', 3.0),
+    ('GRPO iteration', 'tiny', 'torch', 3.0), ('GRPO iteration', 'small', 'torch', 2.0),
+] + [(name, size, 'tunix', None) for size in ('tiny', 'small')
+     for name in ('generation, temperature 1', 'generation, top-p 0.9', 'GRPO iteration')]
+DOT_FRACTION_TARGET = ('RM step [small]', 0.9)  # model FLOP/s over XLA's dot rate at the step's shape, at least
+ENSEMBLE_COST_TARGET = ('RM K=4 full ensemble [small]', 'RM step [small]', 4.0)  # rmjax's time ratio, below
+EXPONENT_LIMIT = 1.1  # scaling: time exponent in batch and members at most this; in sequence length this × FLOPs'
+PEERS = {'torch': 'TRL + transformers', 'tunix': 'Tunix'}
+
+
 def _ms(x: float) -> str:
   return f'{x * 1e3:.1f}' if x < 10 else f'{x * 1e3:.0f}'
 
@@ -68,7 +83,43 @@ def markdown(report: dict) -> str:
                    f'{", ".join(_ms(t) for t in row["median_s"])} | {row["time_exponent"]:.2f} | '
                    f'{row["flop_exponent"]:.2f} |')
     lines.append(f'\nPlot: `{sc["plot"]}`')
+  against = targets(report)
+  if against:
+    lines += ['', 'Against the targets of docs/benchmarks.md (on 2 CPU cores):', '', against]
   return '\n'.join(lines)
+
+
+def targets(report: dict) -> str:
+  """Markdown table of the targets (`SPEEDUP_TARGETS` and the three below it) against one run: the target, the
+  run's number, met or missed. Targets whose workload the run lacks are left out ('' when none remains)."""
+  frameworks = {w['name']: w['frameworks'] for w in report['workloads']}
+  rows = []
+
+  def add(what, target, value, met):
+    rows.append(f'| {what} | {target} | {value} | {"met" if met else "**missed**"} |')
+
+  for name, size, peer, minimum in SPEEDUP_TARGETS:
+    s = frameworks.get(f'{name} [{size}]', {}).get(peer, {}).get('speedup_vs_rmjax')
+    if s:
+      add(f'{name} [{size}], speed-up vs {PEERS[peer]}', f'≥ {minimum:.2f}×' if minimum else 'ahead (> 1×)',
+          f'{s["median"]:.2f}×', s['median'] >= minimum if minimum else s['median'] > 1)
+  name, minimum = DOT_FRACTION_TARGET
+  fraction = frameworks.get(name, {}).get('rmjax', {}).get('dot_fraction')
+  if fraction is not None:
+    add(f'{name}, rmjax\'s FLOP/s of the dot rate', f'≥ {minimum:.0%}', f'{fraction:.0%}', fraction >= minimum)
+  ensemble, single, limit = ENSEMBLE_COST_TARGET
+  if 'rmjax' in frameworks.get(ensemble, {}) and 'rmjax' in frameworks.get(single, {}):
+    ratio = frameworks[ensemble]['rmjax']['median_s'] / frameworks[single]['rmjax']['median_s']
+    add(f'{ensemble}, rmjax\'s time over its {single}', f'< {limit:g}×', f'{ratio:.2f}×', ratio < limit)
+  for row in report.get('scaling', {}).get('rows', []):
+    limit = EXPONENT_LIMIT * (row['flop_exponent'] if row['dimension'] == 'seq' else 1)
+    target = (f'≤ {EXPONENT_LIMIT:g} × FLOPs\' {row["flop_exponent"]:.2f} = {limit:.2f}' if row['dimension'] == 'seq'
+              else f'≤ {limit:g}')
+    add(f'scaling: {row["step"]}, {row["dimension"]}, time exponent', target, f'{row["time_exponent"]:.2f}',
+        row['time_exponent'] <= limit)
+  if not rows:
+    return ''
+  return '\n'.join(['| | target | this run | |', '|---|---|---|---|'] + rows)
 
 
 def compare(reports: dict[str, dict]) -> str:

@@ -126,6 +126,31 @@ def test_runs_side_by_side():
                    '| scaling: RM step, seq (FLOPs 1.42) | time exponent | 1.33 | 1.39 |']
 
 
+def test_targets_met_and_missed_in_one_run():
+  def workload(name, rmjax_s, **peers):
+    frameworks = {'rmjax': {'median_s': rmjax_s, 'dot_fraction': 0.69}}
+    frameworks.update({p: {'speedup_vs_rmjax': {'median': x}} for p, x in peers.items()})
+    return {'name': name, 'frameworks': frameworks}
+
+  run = {'workloads': [workload('RM step [tiny]', 0.036, torch=1.5), workload('RM step [small]', 1.0, torch=1.16),
+                       workload('RM K=4 full ensemble [small]', 4.1, torch=0.98),
+                       workload('generation, temperature 1 [small]', 0.3, torch=2.48, tunix=1.65)],
+         'scaling': {'rows': [{'step': 'RM step', 'dimension': 'seq', 'time_exponent': 1.57, 'flop_exponent': 1.42},
+                              {'step': 'RM step', 'dimension': 'batch', 'time_exponent': 1.09, 'flop_exponent': 1.0}]}}
+  assert report.targets(run).split('\n') == [
+      '| | target | this run | |', '|---|---|---|---|',
+      '| RM step [tiny], speed-up vs TRL + transformers | ≥ 1.50× | 1.50× | met |',
+      '| RM step [small], speed-up vs TRL + transformers | ≥ 1.00× | 1.16× | met |',
+      '| RM K=4 full ensemble [small], speed-up vs TRL + transformers | ≥ 1.00× | 0.98× | **missed** |',
+      '| generation, temperature 1 [small], speed-up vs TRL + transformers | ≥ 3.00× | 2.48× | **missed** |',
+      '| generation, temperature 1 [small], speed-up vs Tunix | ahead (> 1×) | 1.65× | met |',
+      "| RM step [small], rmjax's FLOP/s of the dot rate | ≥ 90% | 69% | **missed** |",
+      "| RM K=4 full ensemble [small], rmjax's time over its RM step [small] | < 4× | 4.10× | **missed** |",
+      "| scaling: RM step, seq, time exponent | ≤ 1.1 × FLOPs' 1.42 = 1.56 | 1.57 | **missed** |",
+      '| scaling: RM step, batch, time exponent | ≤ 1.1 | 1.09 | met |']
+  assert report.targets({'workloads': []}) == ''
+
+
 def run_python(code: str) -> str:
   """stdout of `code` run by this Python in a process of its own, from the repository's root."""
   out = subprocess.run([sys.executable, '-c', textwrap.dedent(code)], cwd=Path(__file__).parents[2],
