@@ -292,6 +292,16 @@ def workloads(args) -> list[dict]:
   return ws
 
 
+def save(report: dict, path: Path) -> None:
+  """Writes `report` to `path` and to `latest.json` beside it, each through a temporary file and a rename: a run
+  stopped part-way leaves the workloads it finished (`finished` false)."""
+  text = json.dumps(report, indent=1)
+  for target in (path, path.with_name('latest.json')):
+    tmp = target.with_name(target.name + '.tmp')
+    tmp.write_text(text)
+    os.replace(tmp, target)
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--only', default='rm,generate,grpo,scaling',
@@ -320,7 +330,7 @@ def main(argv=None) -> int:
   log_dir.mkdir(parents=True, exist_ok=True)
   report = {'started': stamp, 'machine': machine(), 'huge_pages': args.huge_pages, 'load_start': loadavg(),
             'optimizer': common.OPTIM, 'settings': {'rm': RM, 'generate': GEN, 'grpo': GRPO},
-            'workloads': [], 'errors': []}
+            'workloads': [], 'errors': [], 'finished': False}
   print(f'machine: {report["machine"]}  load {report["load_start"]:.2f}', flush=True)
   for p in list(peers):  # a peer that cannot be installed here leaves rmjax's rows standing
     try:
@@ -331,6 +341,7 @@ def main(argv=None) -> int:
       print(f'peer {p} unavailable: {error}', flush=True)
       report['errors'].append({'workload': f'peer {p}', 'error': error})
       peers.remove(p)
+  path = out_dir / f'{stamp}.json'
   for w in workloads(args):
     frameworks = ['rmjax'] + [p for p in w['peers'] if p in peers]
     try:
@@ -338,13 +349,13 @@ def main(argv=None) -> int:
     except Exception as e:  # one failing workload does not stop the others
       print(f'  FAILED: {e}', flush=True)
       report['errors'].append({'workload': w['name'], 'error': str(e)})
+    save(report, path)
   if 'scaling' in args.only:
     from benchmarks import scaling
     report['scaling'] = scaling.sweep(args, log_dir, out_dir / f'scaling-{stamp}.png')
   report['load_end'] = loadavg()
-  path = out_dir / f'{stamp}.json'
-  path.write_text(json.dumps(report, indent=1))
-  (out_dir / 'latest.json').write_text(json.dumps(report, indent=1))
+  report['finished'] = True
+  save(report, path)
   print(f'\nresults: {path}', flush=True)
   print(report_lib.markdown(report), flush=True)
   return 1 if report['errors'] else 0

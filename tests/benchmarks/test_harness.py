@@ -109,6 +109,27 @@ def test_an_uninstallable_peer_is_reported_and_left_out(monkeypatch, tmp_path):
                      'out (--peers chooses the peers, --peers "" runs rmjax alone)'}]
 
 
+def test_a_run_stopped_part_way_keeps_the_workloads_it_finished(monkeypatch, tmp_path):
+  proc = fake_proc({'rmjax': CPU}, {'rmjax': 0.04})
+
+  class StoppedOnSmall(proc):
+    def call(self, cmd, **kw):
+      if cmd == 'setup' and kw['size'] == 'small':
+        raise KeyboardInterrupt  # the run is stopped during its second workload
+      return super().call(cmd, **kw)
+
+  monkeypatch.setattr(run, 'Proc', StoppedOnSmall)
+  monkeypatch.setattr(run, 'wait_idle', lambda pids: 0.0)
+  with pytest.raises(KeyboardInterrupt):
+    run.main(['--only', 'rm', '--sizes', 'tiny,small', '--peers', '', '--repeats', '1', '--out', str(tmp_path)])
+  saved = json.loads((tmp_path / 'latest.json').read_text())
+  assert not saved['finished'] and saved['errors'] == []
+  assert [w['name'] for w in saved['workloads']] == [
+      'RM step [tiny]', 'RM K=4 full ensemble [tiny]', 'RM K=4 multi-head [tiny]', 'RM step, rmjax unsplit [tiny]']
+  assert sorted(p.name for p in tmp_path.glob('*.json')) == sorted(['latest.json', f'{saved["started"]}.json'])
+  report.markdown(saved)  # a partial run still prints
+
+
 def test_runs_side_by_side():
   def run(rm_ms, speedup, exponent, with_generation):
     workloads = [{'name': 'RM step [tiny]', 'frameworks': {
