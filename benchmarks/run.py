@@ -50,12 +50,17 @@ GEN = dict(rows=16, prompt_len=32, new_tokens=64)
 GRPO = dict(prompts_per_step=8, group=4, prompt_len=32, new_tokens=32, beta=0.04, reward_token=7)
 
 
-def worker_env(huge_pages: bool) -> dict[str, str]:
-  """A worker's environment: this one's without a compilation cache, with the repository on the path
-  and, with `huge_pages`, glibc's malloc on transparent huge pages as rmjax's launchers run jobs
-  (`launch.local.point_env`; every framework alike, docs/benchmarks.md item 11)."""
-  env = {k: v for k, v in os.environ.items() if not k.startswith('JAX_COMPILATION_CACHE') and k != 'PYTHONPATH'}
-  return local.point_env(env) if huge_pages else dict(env, PYTHONPATH=str(REPO))
+def worker_env(framework: str, huge_pages: bool) -> dict[str, str]:
+  """A worker's environment: this one's without a compilation cache, with the repository first on the path
+  (rmjax's worker, which runs this Python, keeps the rest of its PYTHONPATH; a peer's, in an environment of
+  its own, gets none of it) and, with `huge_pages`, glibc's malloc on transparent huge pages as rmjax's
+  launchers run jobs (`launch.local.point_env`; every framework alike, docs/benchmarks.md item 11)."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith('JAX_COMPILATION_CACHE')}
+  if framework != 'rmjax':
+    env.pop('PYTHONPATH', None)
+  if huge_pages:
+    return local.point_env(env)
+  return dict(env, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get('PYTHONPATH')])))
 
 
 class Proc:
@@ -63,7 +68,7 @@ class Proc:
 
   def __init__(self, framework: str, log_dir: Path, huge_pages: bool):
     exe = sys.executable if framework == 'rmjax' else str(envs.python(framework))
-    env = worker_env(huge_pages)
+    env = worker_env(framework, huge_pages)
     self.framework = framework
     self.log = open(log_dir / f'{framework}.log', 'a')
     self.p = subprocess.Popen([exe, '-m', MODULES[framework]], cwd=REPO, env=env, stdin=subprocess.PIPE,

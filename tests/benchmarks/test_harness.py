@@ -172,6 +172,17 @@ def test_targets_met_and_missed_in_one_run():
   assert report.targets({'workloads': []}) == ''
 
 
+@pytest.mark.parametrize('huge_pages', [True, False])
+def test_only_rmjaxs_worker_keeps_the_harness_python_path(monkeypatch, huge_pages):
+  # rmjax's worker runs the harness's own Python, so it needs what PYTHONPATH adds to it (packages installed
+  # with `pip --target`, say); a peer's Python is its own environment's.
+  monkeypatch.setenv('PYTHONPATH', '/opt/site')
+  monkeypatch.delenv('GLIBC_TUNABLES', raising=False)
+  assert run.worker_env('rmjax', huge_pages)['PYTHONPATH'] == f'{run.REPO}{os.pathsep}/opt/site'
+  assert run.worker_env('torch', huge_pages)['PYTHONPATH'] == str(run.REPO)
+  assert ('glibc.malloc.hugetlb=1' in run.worker_env('tunix', huge_pages).get('GLIBC_TUNABLES', '')) == huge_pages
+
+
 def run_python(code: str) -> str:
   """stdout of `code` run by this Python in a process of its own, from the repository's root."""
   out = subprocess.run([sys.executable, '-c', textwrap.dedent(code)], cwd=Path(__file__).parents[2],
