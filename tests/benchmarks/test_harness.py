@@ -153,12 +153,13 @@ def test_targets_met_and_missed_in_one_run():
     frameworks.update({p: {'speedup_vs_rmjax': {'median': x}} for p, x in peers.items()})
     return {'name': name, 'frameworks': frameworks}
 
-  run = {'workloads': [workload('RM step [tiny]', 0.036, torch=1.5), workload('RM step [small]', 1.0, torch=1.16),
-                       workload('RM K=4 full ensemble [small]', 4.1, torch=0.98),
-                       workload('generation, temperature 1 [small]', 0.3, torch=2.48, tunix=1.65)],
-         'scaling': {'rows': [{'step': 'RM step', 'dimension': 'seq', 'time_exponent': 1.57, 'flop_exponent': 1.42},
-                              {'step': 'RM step', 'dimension': 'batch', 'time_exponent': 1.09, 'flop_exponent': 1.0}]}}
-  assert report.targets(run).split('\n') == [
+  one_run = {'workloads': [workload('RM step [tiny]', 0.036, torch=1.5), workload('RM step [small]', 1.0, torch=1.16),
+                           workload('RM K=4 full ensemble [small]', 4.1, torch=0.98),
+                           workload('generation, temperature 1 [small]', 0.3, torch=2.48, tunix=1.65)],
+             'scaling': {'rows': [
+                 {'step': 'RM step', 'dimension': 'seq', 'time_exponent': 1.57, 'flop_exponent': 1.42},
+                 {'step': 'RM step', 'dimension': 'batch', 'time_exponent': 1.09, 'flop_exponent': 1.0}]}}
+  assert report.targets(one_run).split('\n') == [
       '| | target | this run | |', '|---|---|---|---|',
       '| RM step [tiny], speed-up vs TRL + transformers | ≥ 1.50× | 1.50× | met |',
       '| RM step [small], speed-up vs TRL + transformers | ≥ 1.00× | 1.16× | met |',
