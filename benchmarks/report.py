@@ -89,43 +89,46 @@ def markdown(report: dict) -> str:
   return '\n'.join(lines)
 
 
-def targets(report: dict) -> str:
-  """Markdown table of the targets (`SPEEDUP_TARGETS` and the three below it) against one run: the target, the
-  run's number, met or missed. Targets whose workload the run lacks are left out ('' when none remains)."""
+def target_rows(report: dict) -> list[tuple[str, str, str, bool]]:
+  """(what, target, the run's number, met) for each target (`SPEEDUP_TARGETS` and the three below it) whose
+  workload the run has."""
   frameworks = {w['name']: w['frameworks'] for w in report['workloads']}
   rows = []
-
-  def add(what, target, value, met):
-    rows.append(f'| {what} | {target} | {value} | {"met" if met else "**missed**"} |')
-
   for name, size, peer, minimum in SPEEDUP_TARGETS:
     s = frameworks.get(f'{name} [{size}]', {}).get(peer, {}).get('speedup_vs_rmjax')
     if s:
-      add(f'{name} [{size}], speed-up vs {PEERS[peer]}', f'≥ {minimum:.2f}×' if minimum else 'ahead (> 1×)',
-          f'{s["median"]:.2f}×', s['median'] >= minimum if minimum else s['median'] > 1)
+      rows.append((f'{name} [{size}], speed-up vs {PEERS[peer]}', f'≥ {minimum:.2f}×' if minimum else 'ahead (> 1×)',
+                   f'{s["median"]:.2f}×', s['median'] >= minimum if minimum else s['median'] > 1))
   name, minimum = DOT_FRACTION_TARGET
   fraction = frameworks.get(name, {}).get('rmjax', {}).get('dot_fraction')
   if fraction is not None:
-    add(f'{name}, rmjax\'s FLOP/s of the dot rate', f'≥ {minimum:.0%}', f'{fraction:.0%}', fraction >= minimum)
+    rows.append((f'{name}, rmjax\'s FLOP/s of the dot rate', f'≥ {minimum:.0%}', f'{fraction:.0%}', fraction >= minimum))
   ensemble, single, limit = ENSEMBLE_COST_TARGET
   if 'rmjax' in frameworks.get(ensemble, {}) and 'rmjax' in frameworks.get(single, {}):
     ratio = frameworks[ensemble]['rmjax']['median_s'] / frameworks[single]['rmjax']['median_s']
-    add(f'{ensemble}, rmjax\'s time over its {single}', f'< {limit:g}×', f'{ratio:.2f}×', ratio < limit)
+    rows.append((f'{ensemble}, rmjax\'s time over its {single}', f'< {limit:g}×', f'{ratio:.2f}×', ratio < limit))
   for row in report.get('scaling', {}).get('rows', []):
-    limit = EXPONENT_LIMIT * (row['flop_exponent'] if row['dimension'] == 'seq' else 1)
-    target = (f'≤ {EXPONENT_LIMIT:g} × FLOPs\' {row["flop_exponent"]:.2f} = {limit:.2f}' if row['dimension'] == 'seq'
-              else f'≤ {limit:g}')
-    add(f'scaling: {row["step"]}, {row["dimension"]}, time exponent', target, f'{row["time_exponent"]:.2f}',
-        row['time_exponent'] <= limit)
+    seq = row['dimension'] == 'seq'
+    limit = EXPONENT_LIMIT * (row['flop_exponent'] if seq else 1)
+    target = f'≤ {EXPONENT_LIMIT:g} × FLOPs\' {row["flop_exponent"]:.2f} = {limit:.2f}' if seq else f'≤ {limit:g}'
+    rows.append((f'scaling: {row["step"]}, {row["dimension"]}, time exponent', target, f'{row["time_exponent"]:.2f}',
+                 row['time_exponent'] <= limit))
+  return rows
+
+
+def targets(report: dict) -> str:
+  """Markdown table of `target_rows`: the target, the run's number, met or missed ('' when the run has none)."""
+  rows = target_rows(report)
   if not rows:
     return ''
-  return '\n'.join(['| | target | this run | |', '|---|---|---|---|'] + rows)
+  return '\n'.join(['| | target | this run | |', '|---|---|---|---|'] + [
+      f'| {what} | {target} | {value} | {"met" if met else "**missed**"} |' for what, target, value, met in rows])
 
 
 def compare(reports: dict[str, dict]) -> str:
   """Runs side by side, `{run name: report}`: per workload rmjax's median step time and each peer's
-  speed-up (median of the per-round ratios) in every run, then the scaling exponents; '–' where a run
-  lacks the number."""
+  speed-up (median of the per-round ratios) in every run, then the scaling exponents and how many of the
+  run's targets it met; '–' where a run lacks the number."""
   names = list(reports)
   runs = [{w['name']: w['frameworks'] for w in r['workloads']} for r in reports.values()]
   lines = ['| workload | | ' + ' | '.join(names) + ' |', '|---|---|' + '---|' * len(names)]
@@ -143,6 +146,8 @@ def compare(reports: dict[str, dict]) -> str:
     flops = next(sc[key]['flop_exponent'] for sc in scaling if key in sc)
     lines.append(f'| scaling: {key[0]}, {key[1]} (FLOPs {flops:.2f}) | time exponent | '
                  + ' | '.join(f'{sc[key]["time_exponent"]:.2f}' if key in sc else '–' for sc in scaling) + ' |')
+  met = [[row[3] for row in target_rows(r)] for r in reports.values()]
+  lines.append('| targets | met | ' + ' | '.join(f'{sum(m)} of {len(m)}' for m in met) + ' |')
   return '\n'.join(lines)
 
 

@@ -144,7 +144,8 @@ def test_runs_side_by_side():
                    '| RM step [tiny] | rmjax ms | 35.6 | 39.6 |',
                    '| | speed-up vs torch | 1.30× | 1.46× |',
                    '| generation [tiny] | rmjax ms | – | 13.1 |',
-                   '| scaling: RM step, seq (FLOPs 1.42) | time exponent | 1.33 | 1.39 |']
+                   '| scaling: RM step, seq (FLOPs 1.42) | time exponent | 1.33 | 1.39 |',
+                   '| targets | met | 1 of 2 | 1 of 2 |']
 
 
 def test_targets_met_and_missed_in_one_run():
