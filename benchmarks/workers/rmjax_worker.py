@@ -60,6 +60,7 @@ class Worker:
 
   def __init__(self):
     self.run_once = None
+    self.program = None  # the timed program last compiled (`benchmarks.profile` reads its HLO)
     self.runs = {}
     self.dots = {}
     # jax's default fp32 dots are float32 on the CPU, TF32 on NVIDIA GPUs and bf16 passes on TPUs.
@@ -68,6 +69,7 @@ class Worker:
   def _compile(self, fn, *args):
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile() if not hasattr(fn, 'lower') else fn.lower(*args).compile()
+    self.program = compiled
     return compiled, time.perf_counter() - t0
 
   def _check_program(self, fn, compiled, *args):
