@@ -1,9 +1,12 @@
 """Markdown tables from results JSONs: `python -m benchmarks.report [results.json]` (one run's tables; the
-latest run without an argument) or `python -m benchmarks.report a.json b.json ...` (runs side by side)."""
+latest run without an argument) or `python -m benchmarks.report a.json b.json ...` (runs side by side);
+`--plot runs.png` also draws every target, run by run."""
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
-import sys
+import operator
 from pathlib import Path
 
 
@@ -89,30 +92,50 @@ def markdown(report: dict) -> str:
   return '\n'.join(lines)
 
 
-def target_rows(report: dict) -> list[tuple[str, str, str, bool]]:
-  """(what, target, the run's number, met) for each target (`SPEEDUP_TARGETS` and the three below it) whose
-  workload the run has."""
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """One target of one run: `value` must stand in `relation` ('≥', '>', '<' or '≤') to `limit`."""
+  what: str  # e.g. 'RM step [tiny], speed-up vs TRL + transformers'
+  text: str  # the target as written, e.g. '≥ 1.50×'
+  value: float
+  shown: str  # the run's number as written, e.g. '1.69×'
+  limit: float
+  relation: str
+  spread: tuple[float, float] | None = None  # a speed-up's range over the run's rounds
+
+  @property
+  def met(self) -> bool:
+    return RELATIONS[self.relation](self.value, self.limit)
+
+
+RELATIONS = {'≥': operator.ge, '>': operator.gt, '<': operator.lt, '≤': operator.le}
+
+
+def target_rows(report: dict) -> list[Target]:
+  """Each target (`SPEEDUP_TARGETS` and the three below it) whose workload the run has."""
   frameworks = {w['name']: w['frameworks'] for w in report['workloads']}
   rows = []
   for name, size, peer, minimum in SPEEDUP_TARGETS:
     s = frameworks.get(f'{name} [{size}]', {}).get(peer, {}).get('speedup_vs_rmjax')
     if s:
-      rows.append((f'{name} [{size}], speed-up vs {PEERS[peer]}', f'≥ {minimum:.2f}×' if minimum else 'ahead (> 1×)',
-                   f'{s["median"]:.2f}×', s['median'] >= minimum if minimum else s['median'] > 1))
+      spread = (s['min'], s['max']) if 'min' in s else None
+      rows.append(Target(f'{name} [{size}], speed-up vs {PEERS[peer]}', f'≥ {minimum:.2f}×' if minimum else 'ahead (> 1×)',
+                         s['median'], f'{s["median"]:.2f}×', minimum or 1.0, '≥' if minimum else '>', spread))
   name, minimum = DOT_FRACTION_TARGET
   fraction = frameworks.get(name, {}).get('rmjax', {}).get('dot_fraction')
   if fraction is not None:
-    rows.append((f'{name}, rmjax\'s FLOP/s of the dot rate', f'≥ {minimum:.0%}', f'{fraction:.0%}', fraction >= minimum))
+    rows.append(Target(f'{name}, rmjax\'s FLOP/s of the dot rate', f'≥ {minimum:.0%}', fraction, f'{fraction:.0%}',
+                       minimum, '≥'))
   ensemble, single, limit = ENSEMBLE_COST_TARGET
   if 'rmjax' in frameworks.get(ensemble, {}) and 'rmjax' in frameworks.get(single, {}):
     ratio = frameworks[ensemble]['rmjax']['median_s'] / frameworks[single]['rmjax']['median_s']
-    rows.append((f'{ensemble}, rmjax\'s time over its {single}', f'< {limit:g}×', f'{ratio:.2f}×', ratio < limit))
+    rows.append(Target(f'{ensemble}, rmjax\'s time over its {single}', f'< {limit:g}×', ratio, f'{ratio:.2f}×', limit, '<'))
   for row in report.get('scaling', {}).get('rows', []):
     seq = row['dimension'] == 'seq'
     limit = EXPONENT_LIMIT * (row['flop_exponent'] if seq else 1)
     target = f'≤ {EXPONENT_LIMIT:g} × FLOPs\' {row["flop_exponent"]:.2f} = {limit:.2f}' if seq else f'≤ {limit:g}'
-    rows.append((f'scaling: {row["step"]}, {row["dimension"]}, time exponent', target, f'{row["time_exponent"]:.2f}',
-                 row['time_exponent'] <= limit))
+    rows.append(Target(f'scaling: {row["step"]}, {row["dimension"]}, time exponent', target, row['time_exponent'],
+                       f'{row["time_exponent"]:.2f}', limit, '≤'))
   return rows
 
 
@@ -122,7 +145,39 @@ def targets(report: dict) -> str:
   if not rows:
     return ''
   return '\n'.join(['| | target | this run | |', '|---|---|---|---|'] + [
-      f'| {what} | {target} | {value} | {"met" if met else "**missed**"} |' for what, target, value, met in rows])
+      f'| {t.what} | {t.text} | {t.shown} | {"met" if t.met else "**missed**"} |' for t in rows])
+
+
+def plot_targets(reports: dict[str, dict], png: Path) -> list[str]:
+  """One panel per target: each run's number (filled where met, open where missed; a speed-up's bar spans its
+  rounds' range) against the target's limit (dashed), runs in the order given. Returns the panels' targets."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  names = list(reports)
+  series: dict[str, list[tuple[int, Target]]] = {}
+  for i, r in enumerate(reports.values()):
+    for t in target_rows(r):
+      series.setdefault(t.what, []).append((i, t))
+  cols = 4
+  rows = -(-len(series) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 2.6 * rows), squeeze=False)
+  for ax, (what, points) in zip(axes.flat, series.items()):
+    for i, t in points:
+      if t.spread:
+        ax.plot([i, i], t.spread, color='0.7', lw=1)
+      ax.plot(i, t.value, 'o', color='C2' if t.met else 'C3', mfc='C2' if t.met else 'none')
+    ax.axhline(points[-1][1].limit, color='k', ls='--', lw=0.8)
+    ax.set_title(f'{what}\n(target {points[-1][1].text})', fontsize=7)
+    ax.set_xticks(range(len(names)), names, rotation=60, fontsize=6, ha='right')
+    ax.tick_params(axis='y', labelsize=7)
+  for ax in axes.flat[len(series):]:
+    ax.axis('off')
+  fig.tight_layout()
+  fig.savefig(png, dpi=110)
+  plt.close(fig)
+  return list(series)
 
 
 def compare(reports: dict[str, dict]) -> str:
@@ -146,14 +201,23 @@ def compare(reports: dict[str, dict]) -> str:
     flops = next(sc[key]['flop_exponent'] for sc in scaling if key in sc)
     lines.append(f'| scaling: {key[0]}, {key[1]} (FLOPs {flops:.2f}) | time exponent | '
                  + ' | '.join(f'{sc[key]["time_exponent"]:.2f}' if key in sc else '–' for sc in scaling) + ' |')
-  met = [[row[3] for row in target_rows(r)] for r in reports.values()]
+  met = [[t.met for t in target_rows(r)] for r in reports.values()]
   lines.append('| targets | met | ' + ' | '.join(f'{sum(m)} of {len(m)}' for m in met) + ' |')
   return '\n'.join(lines)
 
 
+def main(argv=None) -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  ap.add_argument('runs', nargs='*', type=Path, help='results JSONs (default: benchmarks/results/latest.json)')
+  ap.add_argument('--plot', type=Path, help='also draw each target, run by run, to this PNG')
+  args = ap.parse_args(argv)
+  paths = args.runs or [Path(__file__).resolve().parent / 'results' / 'latest.json']
+  reports = {p.stem: json.loads(p.read_text()) for p in paths}
+  print(markdown(reports[paths[0].stem]) if len(paths) == 1 else compare(reports))
+  if args.plot:
+    plot_targets(reports, args.plot)
+    print(f'\nPlot: {args.plot}')
+
+
 if __name__ == '__main__':
-  paths = [Path(a) for a in sys.argv[1:]] or [Path(__file__).resolve().parent / 'results' / 'latest.json']
-  if len(paths) == 1:
-    print(markdown(json.loads(paths[0].read_text())))
-  else:
-    print(compare({p.stem: json.loads(p.read_text()) for p in paths}))
+  main()

@@ -174,6 +174,27 @@ def test_targets_met_and_missed_in_one_run():
   assert report.targets({'workloads': []}) == ''
 
 
+def test_targets_at_their_limits_and_drawn_run_by_run(tmp_path):
+  def run(ensemble_s, tunix, exponent):
+    return {'workloads': [
+        {'name': 'RM step [small]', 'frameworks': {'rmjax': {'median_s': 1.0}}},
+        {'name': 'RM K=4 full ensemble [small]', 'frameworks': {'rmjax': {'median_s': ensemble_s}}},
+        {'name': 'GRPO iteration [tiny]', 'frameworks': {'rmjax': {'median_s': 0.03}, 'tunix': {
+            'speedup_vs_rmjax': {'median': tunix, 'min': tunix - 0.5, 'max': tunix + 0.5}}}}],
+        'scaling': {'rows': [{'step': 'RM step', 'dimension': 'batch', 'time_exponent': exponent, 'flop_exponent': 1.0}]}}
+
+  at_limits = report.target_rows(run(4.0, 1.0, 1.1))  # '< 4×' and 'ahead' are strict, '≤ 1.1' is not
+  assert [(t.what, t.met) for t in at_limits] == [
+      ('GRPO iteration [tiny], speed-up vs Tunix', False),
+      ("RM K=4 full ensemble [small], rmjax's time over its RM step [small]", False),
+      ('scaling: RM step, batch, time exponent', True)]
+  assert at_limits[0].spread == (0.5, 1.5)
+  png = tmp_path / 'runs.png'
+  panels = report.plot_targets({'a': run(4.0, 1.0, 1.1), 'b': run(3.9, 2.0, 1.2)}, png)
+  assert panels == [t.what for t in at_limits]
+  assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
 @pytest.mark.parametrize('huge_pages', [True, False])
 def test_only_rmjaxs_worker_keeps_the_harness_python_path(monkeypatch, huge_pages):
   # rmjax's worker runs the harness's own Python, so it needs what PYTHONPATH adds to it (packages installed
