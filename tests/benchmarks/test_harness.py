@@ -195,6 +195,19 @@ def test_targets_at_their_limits_and_drawn_run_by_run(tmp_path):
   assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
+def test_the_runs_in_the_docs_render_with_the_targets_they_met():
+  runs = {p.stem: json.loads(p.read_text()) for p in sorted((Path(run.__file__).parent / 'runs').glob('run*.json'))}
+  assert list(runs) == [f'run{i:02d}' for i in range(9, 18)]
+  assert report.compare(runs).split('\n')[-1] == '| targets | met | ' + ' | '.join(
+      f'{met} of 22' for met in (15, 16, 15, 16, 15, 16, 18, 18, 18)) + ' |'  # docs/benchmarks.md, run by run
+  missed = [t.what for t in report.target_rows(runs['run17']) if not t.met]
+  assert missed == ['RM K=4 full ensemble [tiny], speed-up vs TRL + transformers',
+                    'generation, temperature 1 [small], speed-up vs TRL + transformers',
+                    "RM step [small], rmjax's FLOP/s of the dot rate",
+                    "RM K=4 full ensemble [small], rmjax's time over its RM step [small]"]
+  assert '| RM step [tiny] | rmjax (jax 0.10.2) | 40.8 [38.0–44.9] |' in report.markdown(runs['run17'])
+
+
 @pytest.mark.parametrize('huge_pages', [True, False])
 def test_only_rmjaxs_worker_keeps_the_harness_python_path(monkeypatch, huge_pages):
   # rmjax's worker runs the harness's own Python, so it needs what PYTHONPATH adds to it (packages installed
