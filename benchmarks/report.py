@@ -212,8 +212,9 @@ def main(argv=None) -> None:
   ap.add_argument('--plot', type=Path, help='also draw each target, run by run, to this PNG')
   args = ap.parse_args(argv)
   paths = args.runs or [Path(__file__).resolve().parent / 'results' / 'latest.json']
-  reports = {p.stem: json.loads(p.read_text()) for p in paths}
-  print(markdown(reports[paths[0].stem]) if len(paths) == 1 else compare(reports))
+  unique = len({p.stem for p in paths}) == len(paths)  # runs are named by file name, else by path
+  reports = {p.stem if unique else str(p): json.loads(p.read_text()) for p in paths}
+  print(compare(reports) if len(paths) > 1 else markdown(next(iter(reports.values()))))
   if args.plot:
     plot_targets(reports, args.plot)
     print(f'\nPlot: {args.plot}')
