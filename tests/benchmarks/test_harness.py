@@ -197,9 +197,9 @@ def test_targets_at_their_limits_and_drawn_run_by_run(tmp_path):
 
 def test_the_runs_in_the_docs_render_with_the_targets_they_met():
   runs = {p.stem: json.loads(p.read_text()) for p in sorted((Path(run.__file__).parent / 'runs').glob('run*.json'))}
-  assert list(runs) == [f'run{i:02d}' for i in range(9, 18)]
-  assert report.compare(runs).split('\n')[-1] == '| targets | met | ' + ' | '.join(
-      f'{met} of 22' for met in (15, 16, 15, 16, 15, 16, 18, 18, 18)) + ' |'  # docs/benchmarks.md, run by run
+  documented = dict(zip([f'run{i:02d}' for i in range(9, 18)], (15, 16, 15, 16, 15, 16, 18, 18, 18)))  # of 22
+  assert report.compare({name: runs[name] for name in documented}).split('\n')[-1] == (
+      '| targets | met | ' + ' | '.join(f'{met} of 22' for met in documented.values()) + ' |')
   missed = [t.what for t in report.target_rows(runs['run17']) if not t.met]
   assert missed == ['RM K=4 full ensemble [tiny], speed-up vs TRL + transformers',
                     'generation, temperature 1 [small], speed-up vs TRL + transformers',
