@@ -1,7 +1,7 @@
 """Where a benchmark step's time goes: `python -m benchmarks.profile rm --size small` (docs/benchmarks.md).
 
-Builds one of rmjax's benchmark workloads exactly as the harness does (`benchmarks.run.workloads`),
-times `--steps` calls, then runs as many under the jax profiler and attributes the time of every
+Builds one of rmjax's benchmark workloads in the harness's worker with the harness's settings
+(`benchmarks.run.RM`, `GEN`, `GRPO`; the RM step in `'auto'` microbatches, as in its RM rows), times `--steps` calls, then runs as many under the jax profiler and attributes the time of every
 operation that XLA recorded (on the CPU, one event per thunk, named after its instruction of the
 compiled program) to that instruction. Each instruction is classed from the compiled HLO:
 
