@@ -271,7 +271,7 @@ def workloads(args) -> list[dict]:
     mm = common.largest_matmul(s, rm_tokens)
     if 'rm' in args.only:
       # rmjax's RM step as the RM job runs it, `train.grad_accum_steps='auto'` (on one CPU device the
-      # same update in cache-sized microbatches inside the compiled step, `accumulate.auto_steps`),
+      # same update in microbatches of 1024 tokens inside the compiled step, `accumulate.auto_steps`),
       # and, in the last row, unsplit; the peer's step is the same in every row.
       for members, kind, accum, label in ((1, 'full', 'auto', 'RM step'), (4, 'full', 'auto', 'RM K=4 full ensemble'),
                                           (4, 'multi_head', 'auto', 'RM K=4 multi-head'),

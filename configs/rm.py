@@ -33,7 +33,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict(dict(name='bradley_terry', margin=0.0, label_smoothing=0.0))
   c.optim = C.optim(lr=1e-3, warmup_steps=20)
   c.train = C.train(400, batch_size=32, log_every=25, eval_every=100, checkpoint_every=100)
-  c.train.grad_accum_steps = 'auto'  # on one CPU device: cache-sized microbatches (accumulate.auto_steps)
+  c.train.grad_accum_steps = 'auto'  # on one CPU device: microbatches of 1024 tokens (accumulate.auto_steps)
   c.eval = ml_collections.ConfigDict(dict(batch_size=128, aggregate='mean'))
   c.mesh = C.mesh()
 

@@ -112,7 +112,7 @@ class Worker:
       m['loss'].block_until_ready()
 
     self.run_once = once
-    micro = (accumulate.auto_steps(pairs, 2 * seq_len * cfg.width) if grad_accum_steps == accumulate.AUTO
+    micro = (accumulate.auto_steps(pairs, 2 * seq_len) if grad_accum_steps == accumulate.AUTO
              else grad_accum_steps)
     return {'compile_s': compile_s, 'check': losses, 'framework': f'rmjax (jax {jax.__version__})',
             'microbatches': micro}

@@ -9,8 +9,8 @@ are exactly the global batch's loss and gradient, up to float summation order: e
 its weight whatever N is (PITFALLS #4). A mean of per-microbatch means would not be.
 
 `grad_accum_steps='auto'` (the RM trainer) picks N from the batch's shape at trace time
-(`auto_steps`): on a single CPU device the fewest microbatches whose activations stay cache-sized,
-where the split is measured to be faster than one pass; elsewhere 1.
+(`auto_steps`): on a single CPU device the fewest microbatches of at most `MICROBATCH_TOKENS`
+tokens, where the split is measured to be faster than one pass; elsewhere 1.
 
 Microbatch i holds rows `i, i + N, i + 2N, ...` (the batch reshaped to `[B/N, N, ...]`): when
 each process's or device's block of rows is divisible by N, every microbatch has the same share
@@ -28,25 +28,27 @@ from rmjax import config as config_lib
 
 
 AUTO = 'auto'
-CACHE_ELEMENTS = 1 << 16
-"""`auto_steps`' budget: activation elements (rows × tokens × width) per microbatch, 256 KiB in float32."""
+MICROBATCH_TOKENS = 1 << 10
+"""`auto_steps`' default budget: tokens per microbatch of a training step (the rows of its dense dots)."""
 
 
-def auto_steps(rows: int, row_elements: int, budget: int | None = None) -> int:
-  """Microbatches for `rows` rows of `row_elements` activation elements each (tokens × width):
-  on a single CPU device the smallest divisor N of rows with (rows / N) · row_elements ≤
-  `budget` (default `CACHE_ELEMENTS`; one row per microbatch when no divisor fits), else 1.
+def auto_steps(rows: int, row_size: int, budget: int | None = None) -> int:
+  """Microbatches for `rows` rows of `row_size` each (tokens, unless the caller's `budget` counts
+  something else): on a single CPU device the smallest divisor N of rows with (rows / N) · row_size
+  ≤ `budget` (default `MICROBATCH_TOKENS`; one row per microbatch when no divisor fits), else 1.
 
-  On XLA:CPU a step's time grows faster than its FLOPs once the activations outgrow the caches
-  (docs/benchmarks.md, item 4); the same update in microbatches of this size measured fastest or
-  within 18% of the fastest split, at tiny and small widths, 128 and 256 tokens, K = 1 and 4
-  (RM step, 16 pairs × 128 tokens: tiny 72 → 40 ms, small 731 → 524 ms). Accelerators, and
-  meshes that already give each device a share of the rows, keep the batch whole.
+  On XLA:CPU a step's time grows faster than its FLOPs once the activations outgrow the caches,
+  while the dense dots lose speed below about 1024 rows (docs/benchmarks.md, items 4 and 15): 1024
+  tokens per microbatch measured fastest or within 3% of the fastest split at the `tiny`, `small`
+  and `base` widths, K = 1 and 4, 128 to 512 tokens a row, on two of the benchmark machines (RM
+  step, 16 pairs × 128 tokens: `tiny` 45 → 39 ms unsplit → N = 4, `small` 764 → 694 ms with N = 4
+  instead of the 16 of a budget of 2¹⁶ elements). Accelerators, and meshes that already give each
+  device a share of the rows, keep the batch whole.
   """
   if jax.default_backend() != 'cpu' or jax.device_count() > 1:
     return 1
-  budget = CACHE_ELEMENTS if budget is None else budget
-  return next(n for n in range(1, rows + 1) if rows % n == 0 and rows // n * row_elements <= budget
+  budget = MICROBATCH_TOKENS if budget is None else budget
+  return next(n for n in range(1, rows + 1) if rows % n == 0 and rows // n * row_size <= budget
               or n == rows)
 
 

@@ -60,7 +60,7 @@ def make_train_step(rm: RewardModel, optimizer: optax.GradientTransformation, lo
   grad_accum_steps: N, the global batch `[B, ...]` runs as N microbatches of B/N rows in one
   `lax.scan` (`rmjax.train.accumulate`); the loss Σ_b w_b·l_b / Σ_b w_b has its normaliser taken
   over the whole global batch, so the update equals N = 1 up to float summation order. `'auto'`:
-  N = `accumulate.auto_steps(B, 2·T·width)` for the batch's B pairs of T tokens.
+  N = `accumulate.auto_steps(B, 2·T)` for the batch's B pairs of T tokens.
   metrics: 'loss' (mean over members), 'accuracy' (of the member-mean score), 'grad_norm',
   'update_norm', and per member 'loss_k' / 'accuracy_k'.
   """
@@ -83,7 +83,7 @@ def make_train_step(rm: RewardModel, optimizer: optax.GradientTransformation, lo
     # One normaliser for the whole global batch: the number of real pairs (PITFALLS #4).
     n = objectives.batch_normalizer(batch['weight'], 'token_mean')
     pairs, seq_len = batch['chosen_tokens'].shape
-    micro = (accumulate.auto_steps(pairs, 2 * seq_len * rm.config.width) if grad_accum_steps == accumulate.AUTO
+    micro = (accumulate.auto_steps(pairs, 2 * seq_len) if grad_accum_steps == accumulate.AUTO
              else grad_accum_steps)
     (_, (loss_k, correct_k, correct)), grads = accumulate.value_and_grad(
         lambda p, b: losses(p, b, key, n), state.params, batch, micro)

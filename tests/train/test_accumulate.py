@@ -81,20 +81,21 @@ def test_rm_step_accumulated_equals_global_batch():
 
 
 def test_auto_steps_is_the_fewest_microbatches_that_fit_the_budget(monkeypatch):
-  budget = accumulate.CACHE_ELEMENTS  # 65536
-  assert accumulate.auto_steps(16, 2 * 128 * 64) == 4     # tiny width, 16 pairs x 128 tokens: 4 pairs each
-  assert accumulate.auto_steps(16, 2 * 128 * 256) == 16   # small width: one pair each
-  assert accumulate.auto_steps(6, 30000) == 3             # 2 rows = 60000 fit, 3 rows do not
-  assert accumulate.auto_steps(7, 20000) == 7             # prime: no divisor between 1 and 7 fits
+  budget = accumulate.MICROBATCH_TOKENS  # 1024
+  assert accumulate.auto_steps(16, 2 * 128) == 4          # 16 pairs x 128 tokens: 4 pairs each
+  assert accumulate.auto_steps(16, 2 * 512) == 16         # 512 tokens: one pair each
+  assert accumulate.auto_steps(6, 400) == 3               # 2 rows = 800 fit, 3 rows do not
+  assert accumulate.auto_steps(7, 300) == 7               # prime: no divisor between 1 and 7 fits
   assert accumulate.auto_steps(4, budget // 4) == 1       # the whole batch fits
   assert accumulate.auto_steps(8, budget + 1) == 8        # not even one row fits: one row each
+  assert accumulate.auto_steps(6, 30000, budget=65536) == 3  # a caller's own budget
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
-  assert accumulate.auto_steps(16, 2 * 128 * 256) == 1    # accelerators keep the batch whole
+  assert accumulate.auto_steps(16, 2 * 128) == 1          # accelerators keep the batch whole
 
 
 def test_rm_step_auto_splits_by_the_budget_and_equals_the_global_batch(monkeypatch):
-  # CFG's pairs are 2·T·width = 320 elements: a budget of 4 pairs splits B = 8 into N = 2.
-  monkeypatch.setattr(accumulate, 'CACHE_ELEMENTS', 4 * 2 * T * CFG.width)
+  # A budget of 4 pairs of 2·T tokens splits B = 8 into N = 2.
+  monkeypatch.setattr(accumulate, 'MICROBATCH_TOKENS', 4 * 2 * T)
   rm = RewardModel(CFG, num_members=1)
   params = jax.jit(rm.init)(jax.random.key(0))
   opt = _sgd()
