@@ -197,7 +197,7 @@ def test_targets_at_their_limits_and_drawn_run_by_run(tmp_path):
 
 def test_the_runs_in_the_docs_render_with_the_targets_they_met():
   runs = {p.stem: json.loads(p.read_text()) for p in sorted((Path(run.__file__).parent / 'runs').glob('run*.json'))}
-  documented = dict(zip([f'run{i:02d}' for i in range(9, 18)], (15, 16, 15, 16, 15, 16, 18, 18, 18)))  # of 22
+  documented = dict(zip([f'run{i:02d}' for i in range(9, 19)], (15, 16, 15, 16, 15, 16, 18, 18, 18, 15)))  # of 22
   assert report.compare({name: runs[name] for name in documented}).split('\n')[-1] == (
       '| targets | met | ' + ' | '.join(f'{met} of 22' for met in documented.values()) + ' |')
   missed = [t.what for t in report.target_rows(runs['run17']) if not t.met]
