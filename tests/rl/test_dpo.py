@@ -43,9 +43,11 @@ def test_loss_at_the_reference_policy(loss):
 
 def test_gradient_accumulation_matches_one_batch():
   # 8 pairs, the last 3 padding (weight 0), as 1, 2 or 4 microbatches: the weighted mean is over the
-  # whole batch's weight, so the metrics and the updated parameters agree to float rounding (1e-6),
-  # and the microbatches are unequal in weight (2 of 4 hold padding), so a mean of per-microbatch
-  # means would differ.
+  # whole batch's weight, so the metrics and the updated parameters agree to float rounding, and the
+  # microbatches are unequal in weight (2 of 4 hold padding), so a mean of per-microbatch means would
+  # differ. The metrics' tolerance is absolute, 2e-6: a log-ratio (≈ 0.1) is the difference of summed
+  # log-probs (up to ≈ 250 in size here, float32 steps up to 1.5e-5), and the dots round differently
+  # for 8, 4 or 2 rows (2.8e-7 seen on one CPU).
   config = dpo.get_config('test')
   model = dpo.config_lib.model_config(config.policy.model, vocab_size=259)
   ref = transformer.init_lm(jax.random.key(0), model)
@@ -63,7 +65,7 @@ def test_gradient_accumulation_matches_one_batch():
   assert abs(out[1][0]['margin']) > 1e-3  # π ≠ π_ref: the margins are not all zero
   for n in (2, 4):
     for k, v in out[1][0].items():
-      np.testing.assert_allclose(out[n][0][k], v, rtol=1e-6, atol=1e-7, err_msg=k)
+      np.testing.assert_allclose(out[n][0][k], v, rtol=1e-6, atol=2e-6, err_msg=k)
     for a, b in zip(jax.tree.leaves(out[n][1]), jax.tree.leaves(out[1][1])):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
