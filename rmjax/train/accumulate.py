@@ -38,11 +38,11 @@ def auto_steps(rows: int, row_size: int, budget: int | None = None) -> int:
   ≤ `budget` (default `MICROBATCH_TOKENS`; one row per microbatch when no divisor fits), else 1.
 
   On XLA:CPU a step's time grows faster than its FLOPs once the activations outgrow the caches,
-  while the dense dots lose speed below about 1024 rows (docs/benchmarks.md, items 4 and 15): 1024
-  tokens per microbatch measured fastest or within 3% of the fastest split at the `tiny`, `small`
-  and `base` widths, K = 1 and 4, 128 to 512 tokens a row, on two of the benchmark machines (RM
-  step, 16 pairs × 128 tokens: `tiny` 45 → 39 ms unsplit → N = 4, `small` 764 → 694 ms with N = 4
-  instead of the 16 of a budget of 2¹⁶ elements). Accelerators, and meshes that already give each
+  while the dense dots lose speed below about 1024 rows. Microbatches of 1024 tokens measured
+  fastest or within 3% of the fastest split at the `tiny`, `small` and `base` widths, K = 1 and 4,
+  128 to 512 tokens a row (docs/benchmarks.md, items 4 and 15; RM step, 16 pairs × 128 tokens:
+  `tiny` 44.7 ms unsplit, 39.0 with N = 4; `small` 764 ms with the N = 16 of the earlier budget of
+  2¹⁶ activation elements, 694 with N = 4). Accelerators, and meshes that already give each
   device a share of the rows, keep the batch whole.
   """
   if jax.default_backend() != 'cpu' or jax.device_count() > 1:
