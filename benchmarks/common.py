@@ -272,6 +272,16 @@ def timed(fn, steps: int) -> list[float]:
   return times
 
 
+def time_calls(calls: dict[str, Any], seconds: float) -> dict[str, list[float]]:
+  """`{name: [seconds per call]}` for blocking calls `{name: fn}`: one call, then as many as take about
+  `seconds` (1 to 50)."""
+  out = {}
+  for name, fn in calls.items():
+    t = timed(fn, 1)
+    out[name] = t + timed(fn, max(1, min(50, round(seconds / max(t[0], 1e-6)))))
+  return out
+
+
 def next_time(times, thread, poll: float = 1.0) -> float:
   """The next step time from `times` (a queue) filled by `thread`; raises if the thread has died."""
   import queue

@@ -202,15 +202,11 @@ class Worker:
       compiled = jax.jit(jnp.dot).lower(a, b).compile()
       compiled(a, b).block_until_ready()
       self.dots[name] = (lambda c=compiled, a=a, b=b: c(a, b).block_until_ready())
-    return {}
+    return {'framework': f'XLA (jax {jax.__version__})'}
 
   def time_dots(self, seconds=0.3):
     """`{name: [seconds per dot]}`, each dot repeated for about `seconds`."""
-    out = {}
-    for name, fn in self.dots.items():
-      t = common.timed(fn, 1)
-      out[name] = t + common.timed(fn, max(1, min(50, round(seconds / max(t[0], 1e-6)))))
-    return {'times': out}
+    return {'times': common.time_calls(self.dots, seconds)}
 
   def setup(self, workload, key=None, **kw):
     """Builds, compiles and warms up `workload`; with `key`, keeps it beside earlier ones for `time(key=...)`."""

@@ -238,7 +238,22 @@ class Worker:
       return {'times': self.run_steps(steps)}
     return {'times': common.timed(self.run_once, steps)}
 
+  def setup_dots(self, shapes):
+    """fp32 dots `{name: [M, K, N]}` for `time_dots` (`benchmarks.dots`)."""
+    common.check_cpus()
+    g = torch.Generator().manual_seed(0)
+    self.dots = {}
+    for name, (m, k, n) in shapes.items():
+      a, b = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
+      self.dots[name] = lambda a=a, b=b: torch.mm(a, b)
+      self.dots[name]()
+    return {'framework': f'PyTorch {torch.__version__}'}
+
+  def time_dots(self, seconds=0.3):
+    """`{name: [seconds per dot]}`, each dot repeated for about `seconds`."""
+    return {'times': common.time_calls(self.dots, seconds)}
+
 
 if __name__ == '__main__':
   w = Worker()
-  common.serve({'setup': w.setup, 'time': w.time})
+  common.serve({'setup': w.setup, 'time': w.time, 'setup_dots': w.setup_dots, 'time_dots': w.time_dots})
