@@ -6,6 +6,8 @@ rows) as the forward, input-gradient and weight-gradient shapes, decoding's dens
 generation workload's rows, and a 2048³ dot. Each framework runs in its harness worker (2 threads, same process
 environment, `benchmarks.run`), in `--repeats` rounds that alternate which goes first; it prints the median
 GFLOP/s per shape and XLA / PyTorch. Shapes are `[M, K] × [K, N]` with both operands in row-major order.
+Each dot is one call of its framework, so the call's own overhead is in its time (jax's dispatch of a
+compiled program, some µs): at `tiny`'s decoding shapes, dots of well under 1 MFLOP, it is most of XLA's time.
 """
 from __future__ import annotations
 
@@ -17,23 +19,19 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import common, run
+from rmjax.train import accumulate
 
 FRAMEWORKS = ('rmjax', 'torch')
 
 
 def shapes(s: common.Shape) -> dict[str, list[int]]:
   """`{label: [M, K, N]}` of the dots to compare at shape `s`."""
-  from rmjax.train import accumulate
   t, d, f2, rows = accumulate.MICROBATCH_TOKENS, s.width, 2 * s.mlp, run.GEN['rows']
-  qkv = (s.heads + 2 * s.kv_heads) * s.head_dim
-  return {f'RM gate_up forward [{t}, {d}] × [{d}, {f2}]': [t, d, f2],
-          f'RM gate_up input gradient [{t}, {f2}] × [{f2}, {d}]': [t, f2, d],
-          f'RM gate_up weight gradient [{d}, {t}] × [{t}, {f2}]': [d, t, f2],
-          f'decode qkv [{rows}, {d}] × [{d}, {qkv}]': [rows, d, qkv],
-          f'decode gate_up [{rows}, {d}] × [{d}, {f2}]': [rows, d, f2],
-          f'decode down [{rows}, {s.mlp}] × [{s.mlp}, {d}]': [rows, s.mlp, d],
-          f'decode LM head [{rows}, {d}] × [{d}, {s.vocab}]': [rows, d, s.vocab],
-          f'{run.SQUARE}³': [run.SQUARE] * 3}
+  dots = {'RM gate_up forward': [t, d, f2], 'RM gate_up input gradient': [t, f2, d],
+          'RM gate_up weight gradient': [d, t, f2], 'decode qkv': [rows, d, (s.heads + 2 * s.kv_heads) * s.head_dim],
+          'decode gate_up': [rows, d, f2], 'decode down': [rows, s.mlp, d], 'decode LM head': [rows, d, s.vocab]}
+  out = {f'{name} [{m}, {k}] × [{k}, {n}]': [m, k, n] for name, (m, k, n) in dots.items()}
+  return dict(out, **{f'{run.SQUARE}³': [run.SQUARE] * 3})
 
 
 def table(dots: dict[str, list[int]], times: dict[str, dict[str, list[float]]], labels: dict[str, str]) -> str:

@@ -194,7 +194,8 @@ class Worker:
     return {'compile_s': compile_s, 'check': [], 'framework': f'XLA dot (jax {jax.__version__})'}
 
   def setup_dots(self, shapes):
-    """Compiles fp32 dots `{name: [M, K, N]}` for `time_dots`, timed next to the workload."""
+    """Compiles fp32 dots `{name: [M, K, N]}` for `time_dots`, timed next to the workload (or alone, `benchmarks.dots`)."""
+    common.check_cpus()
     rng = np.random.default_rng(0)
     for name, (m, k, n) in shapes.items():
       a = jnp.asarray(rng.standard_normal((m, k), np.float32))
